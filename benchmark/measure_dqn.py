@@ -1,0 +1,141 @@
+"""Measurements for algos/dqn.py: speed (SPS, side by side with CleanRL's dqn.py) and replay-memory size.
+
+    python benchmark/measure_dqn.py sps                      # dqn.py on CartPole-v1, CleanRL's hyperparameters
+    python benchmark/measure_dqn.py sps --cleanrl-dir DIR --cleanrl-python PY   # and CleanRL's dqn.py beside it
+    python benchmark/measure_dqn.py atari-sps --env-id Breakout-v5            # training-phase SPS, paper defaults
+    python benchmark/measure_dqn.py replay-memory            # fill a 1M-transition Atari buffer, report memory
+
+Each prints one JSON line per measurement. Runs go to a temporary directory unless --output-dir is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DQN = os.path.join(ROOT, "algos", "dqn.py")
+
+
+def timed(cmd: list[str], cwd: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def scalar_rate(run_dir: str, tag: str) -> float | None:
+    """Environment steps per wall-clock second between the first and last event of `tag` (training phase)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return None
+    events = acc.Scalars(tag)
+    if len(events) < 2:
+        return None
+    return (events[-1].step - events[0].step) / (events[-1].wall_time - events[0].wall_time)
+
+
+def sps(args):
+    out = args.output_dir or tempfile.mkdtemp(prefix="measure_dqn_")
+    for num_envs in args.num_envs:
+        name = f"sps_envs{num_envs}_{int(time.time())}"
+        cmd = [sys.executable, DQN, "--env-id", "CartPole-v1", "--total-timesteps", str(args.steps),
+               "--num-envs", str(num_envs), "--eval-episodes", "0", "--output-dir", out, "--run-name", name,
+               "--metrics-every", str(args.metrics_every)]
+        wall = timed(cmd, ROOT)
+        with open(os.path.join(out, name, "summary.json")) as f:
+            summary = json.load(f)
+        print(json.dumps({"script": "interventions dqn.py", "num_envs": num_envs, "steps": args.steps,
+                          "process_wall_s": round(wall, 2), "sps": summary["sps"],
+                          "training_phase_sps": round(scalar_rate(os.path.join(out, name), "losses/td_loss") or 0),
+                          "final_train_return": summary["final_train_return"]}))
+    if args.cleanrl_dir:
+        cmd = [args.cleanrl_python, "dqn.py", "--total-timesteps", str(args.steps)]
+        wall = timed(cmd, args.cleanrl_dir)
+        newest = max(glob.glob(os.path.join(args.cleanrl_dir, "runs", "*")), key=os.path.getmtime)
+        print(json.dumps({"script": "cleanrl dqn.py", "num_envs": 1, "steps": args.steps,
+                          "process_wall_s": round(wall, 2), "sps": round(args.steps / wall),
+                          "training_phase_sps": round(scalar_rate(newest, "losses/td_loss") or 0)}))
+
+
+def atari_sps(args):
+    out = args.output_dir or tempfile.mkdtemp(prefix="measure_dqn_")
+    name = f"atari_sps_{int(time.time())}"
+    cmd = [sys.executable, DQN, "--env-id", args.env_id, "--total-timesteps", str(args.learning_starts + args.steps),
+           "--learning-starts", str(args.learning_starts), "--eval-episodes", "0", "--output-dir", out,
+           "--run-name", name, "--log-every", "25", "--num-envs", str(args.num_envs)] + args.extra
+    wall = timed(cmd, ROOT)
+    with open(os.path.join(out, name, "summary.json")) as f:
+        summary = json.load(f)
+    print(json.dumps({"env_id": args.env_id, "num_envs": args.num_envs, "process_wall_s": round(wall, 1),
+                      "overall_sps": summary["sps"],
+                      "training_phase_sps": round(scalar_rate(os.path.join(out, name), "losses/td_loss") or 0, 1),
+                      "peak_memory_mb": round(summary["peak_memory_mb"])}))
+
+
+def replay_memory(args):
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("dqn", DQN)
+    dqn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dqn)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rb = dqn.ReplayBuffer(args.capacity, args.num_envs, (4, 84, 84), np.uint8, pixel=True)
+    rng = np.random.default_rng(0)
+    obs = rng.integers(0, 256, (args.num_envs, 4, 84, 84), dtype=np.uint8)
+    zeros, ones = np.zeros(args.num_envs), np.ones(args.num_envs, dtype=bool)
+    start = time.perf_counter()
+    for i in range(rb.rows):  # every row written, so every page of the buffer is resident
+        rb.add(obs, zeros, zeros, zeros, zeros, ones if i == 0 else ~ones, ones)
+    fill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(100):
+        rb.sample(32, rng, n_step=1)
+    sample_ms = (time.perf_counter() - start) * 10
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    nbytes = sum(a.nbytes for a in vars(rb).values() if isinstance(a, np.ndarray))
+    print(json.dumps({"capacity": len(rb), "buffer_nbytes_gb": round(nbytes / 1e9, 3),
+                      "bytes_per_transition": round(nbytes / len(rb), 1), "peak_rss_mb_before": round(before),
+                      "peak_rss_mb_after_fill": round(after), "fill_s": round(fill_s, 1),
+                      "sample_batch32_ms": round(sample_ms, 3)}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("sps", help="CartPole-v1 SPS at CleanRL's dqn.py hyperparameters")
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--num-envs", type=int, nargs="+", default=[1])
+    p.add_argument("--metrics-every", type=int, default=1000, help="0 turns the diagnostics off")
+    p.add_argument("--cleanrl-dir", help="a directory holding CleanRL's dqn.py (and cleanrl_utils/)")
+    p.add_argument("--cleanrl-python", default=sys.executable, help="the python of CleanRL's environment")
+    p.add_argument("--output-dir")
+    p.set_defaults(func=sps)
+    p = sub.add_parser("atari-sps", help="training-phase SPS on Atari at paper defaults")
+    p.add_argument("--env-id", default="Breakout-v5")
+    p.add_argument("--steps", type=int, default=4000, help="steps measured after learning starts")
+    p.add_argument("--learning-starts", type=int, default=2000)
+    p.add_argument("--num-envs", type=int, default=1)
+    p.add_argument("--output-dir")
+    p.add_argument("extra", nargs="*", help="extra dqn.py flags, after --")
+    p.set_defaults(func=atari_sps)
+    p = sub.add_parser("replay-memory", help="memory of a filled Atari replay memory")
+    p.add_argument("--capacity", type=int, default=1_000_000)
+    p.add_argument("--num-envs", type=int, default=1)
+    p.set_defaults(func=replay_memory)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
