@@ -182,8 +182,10 @@ def resolve_args(args: Args):
     family = "atari" if len(next(iter(spaces))) == 3 else "vector"
     if args.full_action_space is None:
         args.full_action_space = len(tasks) > 1
-    if family == "vector" and len({spec.action_space.n for spec in specs}) > 1:
-        raise UserError("all tasks of --env-ids must share the action space")
+    if family == "atari":  # the full action set is a make() option, so ask EnvPool for the set each task will use
+        specs = [envpool.make_spec(task, full_action_space=args.full_action_space) for task in tasks]
+    if len({spec.action_space.n for spec in specs}) > 1:
+        raise UserError("all tasks of --env-ids must share the action space (Atari: use --full-action-space)")
     for key, value in FAMILY_DEFAULTS[family].items():
         if getattr(args, key) is None and key != "total_timesteps":
             setattr(args, key, value)
@@ -549,7 +551,7 @@ def run(args: Args) -> dict:
     global_step, num_updates = 0, 0
     try:
         envs = make_env(tasks[0], args.num_envs, env_seeds(args.seed, 0, 0, args.num_envs), args)
-        obs_shape, n_actions = envs.observation_space.shape, envs.action_space.n
+        obs_shape, n_actions = envs.observation_space.shape, int(envs.action_space.n)
         q_network = QNetwork(obs_shape, n_actions).to(device)
         target_network = QNetwork(obs_shape, n_actions).to(device)
         if args.eval_checkpoint:  # evaluation only
@@ -647,7 +649,7 @@ def run(args: Args) -> dict:
         train_time = time.time() - start_time
         if args.save_model:
             model_path = os.path.join(run_dir, "model.pt")
-            torch.save({"model": q_network.state_dict(), "obs_shape": list(obs_shape), "n_actions": n_actions,
+            torch.save({"model": q_network.state_dict(), "obs_shape": list(obs_shape), "n_actions": int(n_actions),
                         "args": dataclasses.asdict(args)}, model_path)
             summary["model_path"] = model_path
         if args.eval_episodes:

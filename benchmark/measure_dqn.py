@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
 import os
 import resource
@@ -21,8 +20,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DQN = os.path.join(ROOT, "algos", "dqn.py")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.runs import read_scalars  # noqa: E402
+from utils.scripts import ROOT, load_script, script_path  # noqa: E402
+
+DQN = script_path("dqn")
 
 
 def timed(cmd: list[str], cwd: str) -> float:
@@ -33,13 +35,7 @@ def timed(cmd: list[str], cwd: str) -> float:
 
 def scalar_rate(run_dir: str, tag: str) -> float | None:
     """Environment steps per wall-clock second between the first and last event of `tag` (training phase)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        return None
-    events = acc.Scalars(tag)
+    events = read_scalars(run_dir).get(tag, [])
     if len(events) < 2:
         return None
     return (events[-1].step - events[0].step) / (events[-1].wall_time - events[0].wall_time)
@@ -86,9 +82,7 @@ def atari_sps(args):
 def replay_memory(args):
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("dqn", DQN)
-    dqn = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dqn)
+    dqn = load_script("dqn")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rb = dqn.ReplayBuffer(args.capacity, args.num_envs, (4, 84, 84), np.uint8, pixel=True)
     rng = np.random.default_rng(0)

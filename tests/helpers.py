@@ -1,0 +1,57 @@
+"""Shared helpers for the test suite (imported by conftest.py and the test modules).
+
+The scripts in algos/ are standalone files, not a package, so they are loaded by path.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.runs import read_csv, read_json  # noqa: E402,F401  (re-exported for the tests)
+from utils.runs import read_scalars as read_scalar_events  # noqa: E402
+from utils.scripts import ALGOS as ALGOS_DIR  # noqa: E402,F401
+from utils.scripts import ROOT as REPO_ROOT  # noqa: E402,F401
+from utils.scripts import algo_scripts, load_script, script_path  # noqa: E402,F401
+
+
+def run_script(script: str, args: list[str], cwd: str, env: dict | None = None, timeout: float = 300):
+    """Run `python <script> <args>` as a subprocess with this interpreter; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+_WARNING_LINE = re.compile(r"^.*:\d+: \w*Warning: ")
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """Non-empty stderr lines without Python warnings (a `file:line: XWarning: msg` line plus the indented source
+    line that follows it; gymnasium emits harmless "Box precision lowered" ones)."""
+    out, skip_source = [], False
+    for line in stderr.splitlines():
+        if _WARNING_LINE.match(line):
+            skip_source = True
+            continue
+        if skip_source and line.startswith((" ", "\t")):
+            skip_source = False
+            continue
+        skip_source = False
+        if line.strip():
+            out.append(line)
+    return out
+
+
+def describe(proc) -> str:
+    """A failure message showing what a subprocess printed."""
+    return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run directory: tag -> [(step, value), ...]."""
+    events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file in {run_dir}"
+    return {tag: [(e.step, e.value) for e in evs] for tag, evs in read_scalar_events(run_dir).items()}

@@ -1,0 +1,118 @@
+"""Command-line behaviour of algos/dqn.py: determinism, one-line errors for bad input, and divergence handling."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from helpers import describe, read_json, run_script, script_path, stderr_lines
+
+DQN = script_path("dqn")
+# a budget with learning updates and a mostly greedy policy afterwards, so the trained network drives the data
+DETERMINISM_FLAGS = ["--env-id", "CartPole-v1", "--total-timesteps", 1500, "--learning-starts", 300,
+                     "--buffer-size", 1500, "--batch-size", 32, "--eval-episodes", 0, "--metrics-every", 0,
+                     "--device", "cpu"]
+
+
+def run_dqn(tmp_path, run_name: str, *flags):
+    return run_script(DQN, [*flags, "--output-dir", str(tmp_path), "--run-name", run_name], cwd=str(tmp_path))
+
+
+def episodes_bytes(tmp_path, run_name: str) -> bytes:
+    with open(os.path.join(str(tmp_path), run_name, "episodes.csv"), "rb") as f:
+        return f.read()
+
+
+def test_same_seed_same_episodes_other_seed_differs(tmp_path):
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        proc = run_dqn(tmp_path, name, *DETERMINISM_FLAGS, "--seed", seed)
+        assert proc.returncode == 0, describe(proc)
+        runs[name] = episodes_bytes(tmp_path, name)
+        assert read_json(os.path.join(str(tmp_path), name, "summary.json"))["num_updates"] > 0
+    assert runs["a"].count(b"\n") > 10
+    assert runs["a"] == runs["b"], "two runs with the same seed wrote different episodes.csv"
+    assert runs["a"] != runs["c"], "runs with different seeds wrote the same episodes.csv"
+
+
+def assert_one_line_error(proc, *fragments: str):
+    assert proc.returncode == 2, describe(proc)  # UserError: exit status 2
+    assert "Traceback" not in proc.stderr, describe(proc)
+    lines = stderr_lines(proc.stderr)
+    assert len(lines) == 1, f"expected one error line, got {lines}"
+    assert lines[0].startswith("error:"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def test_unknown_env_id_suggests_close_match(tmp_path):
+    proc = run_dqn(tmp_path, "bad", "--env-id", "Cartpole-v1")
+    assert_one_line_error(proc, "Cartpole-v1", "CartPole-v1")
+
+
+def test_continuous_action_env_is_rejected(tmp_path):
+    proc = run_dqn(tmp_path, "bad", "--env-id", "HalfCheetah-v4")
+    line = assert_one_line_error(proc, "HalfCheetah-v4")
+    assert "discrete" in line.lower()
+
+
+def test_task_sequence_with_different_observation_shapes_is_rejected(tmp_path):
+    proc = run_dqn(tmp_path, "bad", "--env-ids", "CartPole-v1", "Acrobot-v1", "--steps-per-task", 100)
+    assert_one_line_error(proc, "observation")
+
+
+# BUG in dqn.py (exposed by this test): resolve_args only compares action spaces for vector tasks, so an Atari sequence
+# with --full-action-space False and different minimal action sets (Breakout 4, Pong 6) is accepted; the Q-network is
+# built with task 0's 4 actions and Pong's actions 4 and 5 can never be taken. The run completes silently.
+def test_task_sequence_with_different_action_spaces_is_rejected(tmp_path):
+    proc = run_dqn(tmp_path, "bad", "--env-ids", "Breakout-v5", "Pong-v5", "--steps-per-task", 100,
+                   "--full-action-space", "False", "--eval-episodes", 0)
+    assert_one_line_error(proc, "action")
+
+
+def test_task_sequence_needs_steps_per_task(tmp_path):
+    proc = run_dqn(tmp_path, "bad", "--env-ids", "CartPole-v1", "CartPole-v0")
+    assert_one_line_error(proc, "--steps-per-task")
+
+
+def test_huge_learning_rate_diverges_cleanly(tmp_path):
+    """An absurd learning rate makes the TD loss non-finite within a few updates: the run stops with a one-line
+    error, a non-zero exit status and summary status "diverged"."""
+    total = 1000
+    proc = run_dqn(tmp_path, "div", "--env-id", "CartPole-v1", "--learning-rate", 1e30, "--total-timesteps", total,
+                   "--learning-starts", 100, "--buffer-size", 1000, "--batch-size", 32, "--eval-episodes", 0,
+                   "--metrics-every", 0, "--device", "cpu")
+    assert proc.returncode not in (0, 1), describe(proc)  # 1 would be an uncaught exception
+    assert "Traceback" not in proc.stderr, describe(proc)
+    lines = stderr_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    summary = read_json(os.path.join(str(tmp_path), "div", "summary.json"))
+    assert summary["status"] == "diverged", summary
+    assert "non-finite" in summary["error"]
+    assert 100 < summary["global_step"] < total
+
+
+def test_nan_loss_in_process_raises_diverged(dqn, monkeypatch, tmp_path):
+    """run() itself: a NaN TD loss raises Diverged and still writes summary.json with status "diverged"."""
+    real_td_loss = dqn.td_loss
+    calls = []
+
+    def nan_td_loss(*args, **kwargs):
+        out = real_td_loss(*args, **kwargs)
+        calls.append(1)
+        return (out[0] * math.nan, *out[1:])
+
+    monkeypatch.setattr(dqn, "td_loss", nan_td_loss)
+    args = dqn.Args(env_id="CartPole-v1", total_timesteps=400, learning_starts=100, buffer_size=500, batch_size=16,
+                    eval_episodes=0, metrics_every=0, device="cpu", output_dir=str(tmp_path), run_name="nan")
+    with pytest.raises(dqn.Diverged):
+        dqn.run(args)
+    assert len(calls) == 1, "the run went on after a NaN loss"
+    summary = read_json(os.path.join(str(tmp_path), "nan", "summary.json"))
+    assert summary["status"] == "diverged" and "nan" in summary["error"]
+    assert summary["num_updates"] == 0  # the NaN loss was never applied
+    assert summary["global_step"] > 100
