@@ -37,6 +37,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -46,6 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+
+# EnvPool declares float64 Box bounds that gymnasium casts to float32 with a warning on every env creation: noise.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
 
 
 @dataclass
@@ -93,6 +97,9 @@ class Args:
     vector 500k (CleanRL)]"""
     num_envs: int = 1
     """number of parallel EnvPool environments used for collection"""
+    env_threads: Optional[int] = None
+    """EnvPool worker threads (0: one per env up to the core count) [default: Atari 0; vector 1, since a cheap
+    env step costs less than handing it to another thread]"""
     sticky_action_prob: float = 0.25
     """Atari only: probability of repeating the previous action (Dopamine/Machado et al. protocol)"""
     episodic_life: bool = False
@@ -150,10 +157,10 @@ class Diverged(Exception):
 FAMILY_DEFAULTS = {
     "atari": dict(learning_rate=6.25e-5, adam_eps=1.5e-4, buffer_size=1_000_000, batch_size=32, replay_ratio=0.25,
                   target_network_frequency=8000, end_e=0.01, learning_starts=20_000, eval_epsilon=0.001,
-                  clip_rewards=True, total_timesteps=50_000_000),
+                  clip_rewards=True, env_threads=0, total_timesteps=50_000_000),
     "vector": dict(learning_rate=2.5e-4, adam_eps=1e-8, buffer_size=10_000, batch_size=128, replay_ratio=0.1,
                    target_network_frequency=500, end_e=0.05, learning_starts=10_000, eval_epsilon=0.05,
-                   clip_rewards=False, total_timesteps=500_000),
+                   clip_rewards=False, env_threads=1, total_timesteps=500_000),
 }
 
 
@@ -214,7 +221,7 @@ def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bo
     """An EnvPool Gymnasium vector env. Atari follows the Dopamine protocol (docs/dqn.md, detail 2)."""
     import envpool
 
-    kwargs = dict(env_type="gymnasium", num_envs=num_envs, seed=seeds)
+    kwargs = dict(env_type="gymnasium", num_envs=num_envs, seed=seeds, num_threads=args.env_threads or 0)
     config_keys = envpool.make_spec(env_id).config._fields
     atari = dict(
         episodic_life=args.episodic_life and train,  # evaluation always plays full games
@@ -344,6 +351,8 @@ class EpisodeStats:
         self.returns += info["reward"] if "reward" in info else reward
         self.lengths += valid  # the auto-reset step is not an agent step
         game_over = (info["terminated"].astype(bool) if "terminated" in info else terminated) | truncated
+        if not game_over.any():
+            return game_over, []
         finished = [(int(i), float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(game_over)]
         self.returns[game_over], self.lengths[game_over] = 0.0, 0
         return game_over, finished
@@ -540,10 +549,11 @@ def run(args: Args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cuda":  # CPU kernels used here are deterministic; this call costs ~2 s of imports
+        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     rng = np.random.default_rng(args.seed)
     start_time = time.time()
     summary = {"status": "failed", "run_name": run_name, "global_step": 0, "total_timesteps": args.total_timesteps}
@@ -592,8 +602,9 @@ def run(args: Args) -> dict:
             progress_step = global_step - (task_start if args.epsilon_per_task else 0) - args.learning_starts
             epsilon = max(args.end_e, args.start_e - (args.start_e - args.end_e) * progress_step / args.exploration_steps)
             epsilon = args.start_e if progress_step < 0 else epsilon
-            explore = rng.random(args.num_envs) < epsilon
-            actions = rng.integers(0, n_actions, args.num_envs)
+            coins = rng.random((2, args.num_envs))  # one generator call per step: explore? and a random action
+            explore = coins[0] < epsilon
+            actions = (coins[1] * n_actions).astype(np.int64)
             if not explore.all():  # skip the forward pass when every env explores
                 with torch.inference_mode():
                     greedy = q_network(torch.from_numpy(obs).to(device)).argmax(dim=1).cpu().numpy()
