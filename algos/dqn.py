@@ -212,6 +212,10 @@ def resolve_args(args: Args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.replay_ratio < 0 or not 0 <= args.end_e <= args.start_e <= 1:
         raise UserError("need --replay-ratio >= 0 and 0 <= end-e <= start-e <= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch or use --device cpu)")
+    if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
+        raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
     if args.buffer_size // args.num_envs <= args.n_step + 4:
         raise UserError("--buffer-size is too small for --num-envs and --n-step")
     return tasks, family
@@ -566,6 +570,9 @@ def run(args: Args) -> dict:
         target_network = QNetwork(obs_shape, n_actions).to(device)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
+            if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):
+                raise UserError(f"the checkpoint's network takes observations {tuple(checkpoint['obs_shape'])} and "
+                                f"{checkpoint['n_actions']} actions; {tasks[0]} has {tuple(obs_shape)} and {n_actions}")
             q_network.load_state_dict(checkpoint["model"])
             envs.close()
             returns = evaluate(q_network, tasks[0], args, args.eval_episodes, args.eval_epsilon, args.seed, device)
@@ -573,8 +580,7 @@ def run(args: Args) -> dict:
                            checkpoint=args.eval_checkpoint)
             return summary
         target_network.load_state_dict(q_network.state_dict())
-        fused = device.type in ("cpu", "cuda")
-        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=fused)
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
         rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype, q_network.pixel)
         stats = EpisodeStats(args.num_envs)
 
@@ -669,6 +675,9 @@ def run(args: Args) -> dict:
         summary.update(status="completed", sps=int(global_step / train_time))
     except Diverged as err:
         summary.update(status="diverged", error=str(err))
+        raise
+    except UserError as err:
+        summary.update(status="failed", error=str(err))
         raise
     except Exception as err:
         summary.update(status="failed", error=f"{type(err).__name__}: {err}")

@@ -65,9 +65,8 @@ def test_task_sequence_with_different_observation_shapes_is_rejected(tmp_path):
     assert_one_line_error(proc, "observation")
 
 
-# BUG in dqn.py (exposed by this test): resolve_args only compares action spaces for vector tasks, so an Atari sequence
-# with --full-action-space False and different minimal action sets (Breakout 4, Pong 6) is accepted; the Q-network is
-# built with task 0's 4 actions and Pong's actions 4 and 5 can never be taken. The run completes silently.
+# Regression: an Atari sequence with --full-action-space False and different minimal action sets (Breakout 4,
+# Pong 6) was once accepted, building the Q-network with task 0's 4 actions so Pong's actions 4 and 5 were never taken.
 def test_task_sequence_with_different_action_spaces_is_rejected(tmp_path):
     proc = run_dqn(tmp_path, "bad", "--env-ids", "Breakout-v5", "Pong-v5", "--steps-per-task", 100,
                    "--full-action-space", "False", "--eval-episodes", 0)
@@ -77,6 +76,18 @@ def test_task_sequence_with_different_action_spaces_is_rejected(tmp_path):
 def test_task_sequence_needs_steps_per_task(tmp_path):
     proc = run_dqn(tmp_path, "bad", "--env-ids", "CartPole-v1", "CartPole-v0")
     assert_one_line_error(proc, "--steps-per-task")
+
+
+def test_eval_checkpoint_must_exist(tmp_path):
+    proc = run_dqn(tmp_path, "bad", "--env-id", "CartPole-v1", "--eval-checkpoint", str(tmp_path / "missing.pt"))
+    assert_one_line_error(proc, "missing.pt")
+
+
+def test_cuda_without_a_gpu_is_rejected(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    proc = run_dqn(tmp_path, "bad", "--env-id", "CartPole-v1", "--device", "cuda")
+    assert_one_line_error(proc, "cuda")
 
 
 def test_huge_learning_rate_diverges_cleanly(tmp_path):
