@@ -1,0 +1,164 @@
+"""benchmark/launch.py: grid expansion, resume, retries, and fault injection (SIGKILLed runs, a killed launcher,
+corrupt summaries). Runs are a small fake script that follows the output conventions, so these tests take seconds;
+the real smoke suite runs at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmark import launch  # noqa: E402
+
+FAKE = textwrap.dedent('''
+    """Fake training script: writes runs/<name>/summary.json like algos/ scripts; behaviour per --mode."""
+    import argparse, json, os, signal, time
+    p = argparse.ArgumentParser()
+    for flag in ("--env-id", "--output-dir", "--run-name", "--mode", "--counter-dir"):
+        p.add_argument(flag)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--sleep", type=float, default=0.0)
+    a = p.parse_args()
+    os.makedirs(a.counter_dir, exist_ok=True)
+    counter = os.path.join(a.counter_dir, a.run_name)
+    calls = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+    open(counter, "w").write(str(calls))  # how many times this run was executed
+    run_dir = os.path.join(a.output_dir, a.run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    open(os.path.join(run_dir, "partial.txt"), "w").write(f"call {calls}")
+    print(f"run {a.run_name} call {calls}")
+    time.sleep(a.sleep)
+    if a.mode == "kill_once" and calls == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if a.mode == "always_kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if a.mode == "crash":
+        raise RuntimeError("boom: a bug in the script")
+    status = "diverged" if a.mode == "diverge" else "completed"
+    json.dump({"status": status, "call": calls}, open(os.path.join(run_dir, "summary.json"), "w"))
+    raise SystemExit(3 if status == "diverged" else 0)
+''')
+
+
+def make_suite(tmp_path, arms: list[tuple[str, str, float]], seeds=(1, 2)):
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    lines = [f'name = "t"\nseeds = {list(seeds)}\n']
+    for name, mode, sleep in arms:
+        lines.append(textwrap.dedent(f'''
+            [[arms]]
+            name = "{name}"
+            script = "{script}"
+            env_ids = ["EnvA-v0", "EnvB-v0"]
+            flags = ["--mode", "{mode}", "--counter-dir", "{tmp_path / 'calls'}", "--sleep", "{sleep}"]
+            '''))
+    path = tmp_path / "suite.toml"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def calls(tmp_path, run: str) -> int:
+    path = tmp_path / "calls" / run
+    return int(path.read_text()) if path.exists() else 0
+
+
+def manifest(out) -> list[dict]:
+    with open(os.path.join(out, "t", "manifest.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_grid_expansion(tmp_path):
+    suite = make_suite(tmp_path, [("base", "ok", 0), ("method", "ok", 0)], seeds=(1, 2, 3))
+    name, runs = launch.load_suite(suite)
+    assert name == "t" and len(runs) == 2 * 2 * 3
+    assert len({r.name for r in runs}) == len(runs)
+    cmd = runs[0].command("/out")
+    assert cmd[cmd.index("--run-name") + 1] == runs[0].name and cmd[cmd.index("--output-dir") + 1] == "/out"
+
+
+def test_resume_never_reruns_completed_runs(tmp_path):
+    suite, out = make_suite(tmp_path, [("base", "ok", 0)]), str(tmp_path / "out")
+    first = launch.launch(suite, out, workers=2, threads=1, max_attempts=2, progress_every=0.2)
+    assert set(first.values()) == {"completed"} and len(first) == 4
+    second = launch.launch(suite, out, workers=2, threads=1, max_attempts=2, progress_every=0.2)
+    assert second == first
+    assert all(calls(tmp_path, run) == 1 for run in first)
+    assert sum(r["event"] == "start" for r in manifest(out)) == 4
+
+
+def test_killed_run_is_retried_and_failures_are_reported(tmp_path):
+    suite = make_suite(tmp_path, [("flaky", "kill_once", 0), ("dead", "always_kill", 0), ("bug", "crash", 0),
+                                  ("div", "diverge", 0)], seeds=(1,))
+    out = str(tmp_path / "out")
+    results = launch.launch(suite, out, workers=2, threads=1, max_attempts=3, progress_every=0.2)
+    assert results["flaky__EnvA-v0__s1"] == "completed" and calls(tmp_path, "flaky__EnvA-v0__s1") == 2
+    assert results["dead__EnvA-v0__s1"] == "killed" and calls(tmp_path, "dead__EnvA-v0__s1") == 3
+    assert results["bug__EnvA-v0__s1"] == "failed" and calls(tmp_path, "bug__EnvA-v0__s1") == 3
+    assert results["div__EnvA-v0__s1"] == "diverged" and calls(tmp_path, "div__EnvA-v0__s1") == 1  # final
+    ends = [r for r in manifest(out) if r["event"] == "end"]
+    dead = [r for r in ends if r["run"] == "dead__EnvA-v0__s1"]
+    assert [r["attempt"] for r in dead] == [1, 2, 3] and all(r["exit_status"] == -signal.SIGKILL for r in dead)
+    bug = [r for r in ends if r["run"] == "bug__EnvA-v0__s1"][-1]
+    assert bug["exit_status"] == 1 and "boom: a bug in the script" in bug["log_tail"]
+    # the completed retry's directory holds only the second attempt's files; the first attempt's are kept aside
+    run_dir = os.path.join(out, "t", "runs", "flaky__EnvA-v0__s1")
+    assert open(os.path.join(run_dir, "partial.txt")).read() == "call 2"
+    assert os.path.exists(os.path.join(out, "t", "attempts", "flaky__EnvA-v0__s1.before_attempt2"))
+    # a relaunch runs nothing: every run is final or out of attempts
+    again = launch.launch(suite, out, workers=2, threads=1, max_attempts=3, progress_every=0.2)
+    assert again == results and calls(tmp_path, "dead__EnvA-v0__s1") == 3
+
+
+def test_corrupt_summary_is_rerun(tmp_path):
+    suite, out = make_suite(tmp_path, [("base", "ok", 0)], seeds=(1,)), str(tmp_path / "out")
+    launch.launch(suite, out, workers=1, threads=1, max_attempts=3, progress_every=0.2)
+    summary = os.path.join(out, "t", "runs", "base__EnvA-v0__s1", "summary.json")
+    with open(summary, "w") as f:
+        f.write('{"status": "compl')  # torn write
+    results = launch.launch(suite, out, workers=1, threads=1, max_attempts=3, progress_every=0.2)
+    assert results["base__EnvA-v0__s1"] == "completed"
+    assert calls(tmp_path, "base__EnvA-v0__s1") == 2 and calls(tmp_path, "base__EnvB-v0__s1") == 1
+
+
+def test_launcher_killed_and_restarted(tmp_path):
+    """SIGKILL the launcher while runs are in flight: its children die with it; a restart completes the rest,
+    and no run that had completed is executed again."""
+    suite, out = make_suite(tmp_path, [("slow", "ok", 1.5)], seeds=(1, 2, 3)), str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "benchmark.launch", "--suite", suite, "--output-dir", out, "--workers", "2",
+           "--max-attempts", "3"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs_dir = os.path.join(out, "t", "runs")
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until at least one run completed and others are in flight
+        done = [d for d in os.listdir(runs_dir)] if os.path.isdir(runs_dir) else []
+        if any(launch.read_status(os.path.join(runs_dir, d)) == "completed" for d in done):
+            break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.5)
+    completed_before = {d for d in os.listdir(runs_dir) if launch.read_status(os.path.join(runs_dir, d)) == "completed"}
+    assert completed_before and len(completed_before) < 6
+    results = launch.launch(suite, out, workers=2, threads=1, max_attempts=3, progress_every=0.2)
+    assert len(results) == 6 and set(results.values()) == {"completed"}
+    for run in completed_before:
+        assert calls(tmp_path, run) == 1, f"{run} completed before the kill and was executed again"
+
+
+def test_unknown_suite_is_a_one_line_error():
+    with pytest.raises(SystemExit, match="no suite"):
+        launch.load_suite("no-such-suite")
+
+
+def test_smoke_suite_end_to_end(tmp_path):
+    """The real `smoke` suite (every script, a few hundred steps) through the launcher."""
+    results = launch.launch("smoke", str(tmp_path), workers=2, threads=1, max_attempts=1, progress_every=5)
+    assert results and set(results.values()) == {"completed"}, results
