@@ -93,3 +93,17 @@ def test_nan_scores_are_refused(synthetic):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         aggregate.aggregate({"bad": bad}, reps=10)
+
+
+def test_probability_of_improvement_interval_matches_rliable(synthetic):
+    """The vectorised bootstrap gives rliable's interval (same resampling scheme) up to Monte-Carlo error."""
+    from rliable import library, metrics
+
+    x, y = synthetic["method"][:, :3], synthetic["base"][:, :3]
+    ours = aggregate.probability_of_improvement({"m,b": (x, y)}, reps=3000, seed=0)["m,b"]
+    with aggregate.seeded_global_numpy(0):
+        point, interval = library.get_interval_estimates({"m,b": (x, y)}, metrics.probability_of_improvement,
+                                                         reps=1500)
+    assert ours[0] == pytest.approx(float(np.squeeze(point["m,b"])), abs=1e-12)
+    assert ours[1] == pytest.approx(float(interval["m,b"][0].squeeze()), abs=0.03)
+    assert ours[2] == pytest.approx(float(interval["m,b"][1].squeeze()), abs=0.03)

@@ -54,16 +54,35 @@ def aggregate(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0, ci
 
 def probability_of_improvement(pairs: dict[str, tuple[np.ndarray, np.ndarray]], reps: int = 2000, seed: int = 0,
                                ci: float = 0.95):
-    """{"X,Y": (scores_X, scores_Y)} -> {"X,Y": (P(X > Y), low, high)}; the run counts of X and Y may differ."""
-    from rliable import library, metrics
+    """{"X,Y": (scores_X, scores_Y)} -> {"X,Y": (P(X > Y), low, high)}; the run counts of X and Y may differ.
 
-    for x, y in pairs.values():
+    P(X > Y) is rliable's: per task, P(x > y) + P(x = y) / 2 over all run pairs (the Mann-Whitney U statistic
+    divided by n_x n_y), averaged over tasks. The interval is the same stratified independent bootstrap as
+    rliable's (runs of X and of Y resampled independently within each task, percentile interval), computed in one
+    vectorised pass: a resample only changes how often each run is drawn, so with C_t[i, j] = [x_i > y_j] +
+    [x_i = y_j] / 2 and draw counts a, b, a task's statistic is a^T C_t b / (n_x n_y). rliable's loop over
+    Mann-Whitney tests takes minutes for a few pairs; this takes milliseconds."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, (x, y) in pairs.items():
         _check({"x": x, "y": y})
-    with seeded_global_numpy(seed):
-        points, intervals = library.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps,
-                                                           confidence_interval_size=ci)
-    return {k: (float(np.squeeze(points[k])), float(intervals[k][0].squeeze()), float(intervals[k][1].squeeze()))
-            for k in pairs}
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(f"{key}: X and Y must have the same tasks")
+        (n, tasks), m = x.shape, y.shape[0]
+        c = (x.T[:, :, None] > y.T[:, None, :]) + 0.5 * (x.T[:, :, None] == y.T[:, None, :])  # (tasks, n, m)
+        point = float(c.mean(axis=(1, 2)).mean())
+        a = _draw_counts(rng, reps, tasks, n)
+        b = _draw_counts(rng, reps, tasks, m)
+        boot = np.einsum("rtn,tnm,rtm->r", a, c, b) / (n * m * tasks)
+        low, high = np.percentile(boot, [50 * (1 - ci), 100 - 50 * (1 - ci)])
+        out[key] = (point, float(low), float(high))
+    return out
+
+
+def _draw_counts(rng: np.random.Generator, reps: int, tasks: int, n: int) -> np.ndarray:
+    """How often each of n runs is drawn when n runs are resampled with replacement: (reps, tasks, n)."""
+    idx = rng.integers(0, n, (reps * tasks, n)) + n * np.arange(reps * tasks)[:, None]
+    return np.bincount(idx.ravel(), minlength=reps * tasks * n).reshape(reps, tasks, n).astype(float)
 
 
 def iqm_curve(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0, ci: float = 0.95):

@@ -40,3 +40,53 @@ def read_scalars(run_dir: str) -> dict[str, list[ScalarEvent]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend(ScalarEvent(e.step, e.value, e.wall_time) for e in acc.Scalars(tag))
     return out
+
+
+def collect(runs_dir: str) -> list[dict]:
+    """One row per run directory under `runs_dir` (a suite's runs/ folder): arm, env_id and seed from the run name
+    `<arm>__<env_id>__s<seed>` (benchmark/launch.py), with status, final scores, and the reason a run is unusable
+    (missing or unreadable summary, not completed, non-finite score) in `excluded` (None when usable)."""
+    import math
+
+    rows = []
+    for name in sorted(os.listdir(runs_dir)):
+        run_dir = os.path.join(runs_dir, name)
+        parts = name.split("__")
+        if not os.path.isdir(run_dir) or len(parts) != 3 or not parts[2].startswith("s"):
+            continue
+        row = {"run": name, "arm": parts[0], "env_id": parts[1], "seed": int(parts[2][1:]), "dir": run_dir,
+               "status": None, "score": None, "eval_return": None, "train_return": None, "excluded": None}
+        try:
+            summary = read_json(os.path.join(run_dir, "summary.json"))
+        except (OSError, ValueError):
+            row["excluded"] = "no readable summary.json (killed or still running)"
+            rows.append(row)
+            continue
+        row.update(status=summary.get("status"), eval_return=summary.get("eval_return_mean"),
+                   train_return=summary.get("final_train_return"), sps=summary.get("sps"))
+        row["score"] = row["eval_return"] if row["eval_return"] is not None else row["train_return"]
+        if row["status"] != "completed":
+            row["excluded"] = f"status {row['status']}: {summary.get('error', '')}".strip()
+        elif row["score"] is None or not math.isfinite(row["score"]):
+            row["excluded"] = f"no finite score ({row['score']})"
+        rows.append(row)
+    return rows
+
+
+def episode_curve(run_dir: str, total_steps: int, points: int) -> list[float] | None:
+    """Mean return of the episodes ending in each of `points` equal windows of [0, total_steps]; an empty window
+    takes the previous window's value (the first ones the first available value). None if no episode ended."""
+    _, rows = read_csv(os.path.join(run_dir, "episodes.csv"))
+    if not rows:
+        return None
+    sums, counts = [0.0] * points, [0] * points
+    for r in rows:
+        k = min(points - 1, int(int(r["global_step"]) * points / max(total_steps, 1)))
+        sums[k] += float(r["episodic_return"])
+        counts[k] += 1
+    values, last = [], None
+    for s, c in zip(sums, counts):
+        last = s / c if c else last
+        values.append(last)
+    first = next(v for v in values if v is not None)
+    return [first if v is None else v for v in values]

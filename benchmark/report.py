@@ -1,0 +1,252 @@
+"""Report a suite's runs the way the field expects: rliable aggregates with stratified-bootstrap intervals,
+probability of improvement, performance profiles, sample-efficiency curves and plasticity curves.
+
+    python -m benchmark.report benchmarks/smoke --compare dqn_rr1,dqn --out docs/results/smoke
+
+Writes `report.md` plus PNG and PDF figures to --out (default: the suite directory). Runs that are not completed,
+have no summary, or have a non-finite score are excluded and listed with the reason; so are runs dropped to give
+every task of an arm the same number of runs (rliable's stratified bootstrap needs a (runs, tasks) array).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import aggregate, scores  # noqa: E402
+from utils.runs import collect, episode_curve, read_json, read_scalars  # noqa: E402
+
+PLASTICITY_KEYS = ("plasticity/dormant_tau0.1", "plasticity/grad_inactive_tau0.1", "plasticity/srank",
+                   "plasticity/feature_norm")
+
+
+def score_matrices(rows: list[dict], normalise: bool):
+    """{arm: (runs, tasks) array}, tasks (sorted), {arm: [rows used, in matrix order]}, and the rows dropped to
+    equalise run counts (added to the exclusions)."""
+    usable = [r for r in rows if r["excluded"] is None]
+    tasks = sorted({r["env_id"] for r in usable})
+    by_arm = defaultdict(lambda: defaultdict(list))
+    for r in sorted(usable, key=lambda r: r["seed"]):
+        by_arm[r["arm"]][r["env_id"]].append(r)
+    matrices, used, dropped = {}, {}, []
+    for arm, per_task in sorted(by_arm.items()):
+        n = min(len(per_task.get(t, [])) for t in tasks)
+        if n == 0:
+            missing = [t for t in tasks if not per_task.get(t)]
+            for t in tasks:
+                for r in per_task.get(t, []):
+                    dropped.append((r, f"arm has no usable run on {', '.join(missing)}"))
+            continue
+        chosen = []
+        for t in tasks:
+            chosen.append(per_task[t][:n])
+            dropped += [(r, f"run counts equalised to {n} per task") for r in per_task[t][n:]]
+        x = np.array([[r["score"] for r in column] for column in chosen], dtype=float).T  # (runs, tasks)
+        if normalise:
+            x = np.stack([scores.normalize(t, x[:, j]) for j, t in enumerate(tasks)], axis=1)
+        matrices[arm], used[arm] = x, [r for column in chosen for r in column]
+    return matrices, tasks, used, dropped
+
+
+def curve_matrices(used: dict, tasks: list[str], normalise: bool, points: int):
+    curves, steps = {}, None
+    for arm, rows in used.items():
+        n = len(rows) // len(tasks)
+        x = np.zeros((n, len(tasks), points))
+        for j, t in enumerate(tasks):
+            for i, r in enumerate(rows[j * n:(j + 1) * n]):
+                total = read_json(os.path.join(r["dir"], "summary.json"))["total_timesteps"]
+                steps = np.linspace(total / points, total, points)
+                c = np.array(episode_curve(r["dir"], total, points) or [np.nan] * points)
+                x[i, j] = scores.normalize(t, c) if normalise else c
+        if np.isfinite(x).all():
+            curves[arm] = x
+    return curves, steps
+
+
+def plasticity_curves(used: dict, points: int) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """{key: {arm: (steps, mean over runs)}}, each run's values averaged within `points` windows of its steps."""
+    out: dict = defaultdict(dict)
+    for arm, rows in used.items():
+        per_key = defaultdict(list)
+        for r in rows:
+            scalars = read_scalars(r["dir"])
+            for key in PLASTICITY_KEYS:
+                events = scalars.get(key)
+                if events:
+                    per_key[key].append(([e.step for e in events], [e.value for e in events]))
+        for key, series in per_key.items():
+            hi = max(max(s) for s, _ in series)
+            edges = np.linspace(0, hi, points + 1)
+            binned = []
+            for s, v in series:
+                idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, points - 1)
+                sums, counts = np.bincount(idx, v, points), np.bincount(idx, None, points)
+                binned.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+            out[key][arm] = ((edges[1:] + edges[:-1]) / 2, np.nanmean(np.array(binned), axis=0))
+    return out
+
+
+def save(fig, out: str, name: str) -> list[str]:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = os.path.join(out, f"{name}.{ext}")
+        fig.savefig(path, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def figures(out, matrices, agg, curves, steps, plast, poi, label) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import plot_utils
+
+    arms, written = list(matrices), []
+    fig, axes = plt.subplots(1, len(aggregate.METRICS), figsize=(4 * len(aggregate.METRICS), 0.6 * len(arms) + 1.5))
+    for ax, metric in zip(axes, aggregate.METRICS):
+        for i, arm in enumerate(arms):
+            point, low, high = agg[arm][metric]
+            ax.barh(i, high - low, left=low, height=0.6, alpha=0.6)
+            ax.plot([point, point], [i - 0.3, i + 0.3], color="k")
+        ax.set_yticks(range(len(arms)), arms if metric == aggregate.METRICS[0] else [""] * len(arms))
+        ax.set_title(metric)
+        ax.set_xlabel(label)
+    written += save(fig, out, "aggregates")
+    plt.close(fig)
+
+    hi = max(float(np.max(x)) for x in matrices.values())
+    lo = min(0.0, min(float(np.min(x)) for x in matrices.values()))
+    taus = np.linspace(lo, hi, 101)
+    with aggregate.seeded_global_numpy(0):
+        from rliable import library
+
+        profiles, profile_cis = library.create_performance_profile(matrices, taus, reps=200)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=profile_cis, ax=ax,
+                                         xlabel=f"{label} tau", ylabel="fraction of runs with score > tau")
+    ax.legend(arms)
+    written += save(fig, out, "performance_profile")
+    plt.close(fig)
+
+    if curves:
+        curve_est = aggregate.iqm_curve(curves, reps=500)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm, (iqm, low, high) in curve_est.items():
+            ax.plot(steps, iqm, label=arm)
+            ax.fill_between(steps, low, high, alpha=0.2)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel(f"IQM {label} (training episodes)")
+        ax.legend()
+        written += save(fig, out, "sample_efficiency")
+        plt.close(fig)
+
+    if plast:
+        fig, axes = plt.subplots(1, len(plast), figsize=(4 * len(plast), 3.5))
+        for ax, (key, per_arm) in zip(np.atleast_1d(axes), sorted(plast.items())):
+            for arm, (s, v) in per_arm.items():
+                ax.plot(s, v, label=arm)
+            ax.set_title(key.replace("plasticity/", ""))
+            ax.set_xlabel("environment steps")
+        np.atleast_1d(axes)[0].legend()
+        written += save(fig, out, "plasticity")
+        plt.close(fig)
+
+    if poi:
+        fig, ax = plt.subplots(figsize=(6, 0.6 * len(poi) + 1.5))
+        for i, (pair, (p, low, high)) in enumerate(poi.items()):
+            ax.barh(i, high - low, left=low, height=0.6, alpha=0.6)
+            ax.plot([p, p], [i - 0.3, i + 0.3], color="k")
+        ax.axvline(0.5, ls="--", color="gray")
+        ax.set_yticks(range(len(poi)), [f"P({p.split(',')[0]} > {p.split(',')[1]})" for p in poi])
+        ax.set_xlabel("probability of improvement")
+        written += save(fig, out, "probability_of_improvement")
+        plt.close(fig)
+    return written
+
+
+def fmt(v) -> str:
+    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
+           points: int = 10, make_figures: bool = True) -> str:
+    t0 = time.time()
+    out = out or suite_dir
+    os.makedirs(out, exist_ok=True)
+    rows = collect(os.path.join(suite_dir, "runs"))
+    usable_tasks = sorted({r["env_id"] for r in rows if r["excluded"] is None})
+    normalise = bool(usable_tasks)
+    for t in usable_tasks:
+        try:
+            scores.normalize(t, 0.0)
+        except KeyError:
+            normalise = False
+    label = "normalised score" if normalise else "return"
+    matrices, tasks, used, dropped = score_matrices(rows, normalise)
+    excluded = [(r, r["excluded"]) for r in rows if r["excluded"]] + dropped
+    lines = [f"# Benchmark report: `{os.path.basename(os.path.normpath(suite_dir))}`", "",
+             f"Runs found: {len(rows)}; used: {sum(len(v) for v in used.values())}; excluded: {len(excluded)}. "
+             f"Tasks: {', '.join(tasks) or 'none'}. Scores: final evaluation return (training return where a run "
+             f"has no evaluation), {'normalised (utils/scores.py)' if normalise else 'raw returns (not every task has a normalisation reference)'}. "
+             f"Intervals: 95% stratified bootstrap, {reps} repetitions, seed {seed} (rliable).", ""]
+    agg, poi, written = {}, {}, []
+    if matrices:
+        agg = aggregate.aggregate(matrices, reps=reps, seed=seed)
+        lines += ["## Aggregates", "", "| arm | runs per task | " + " | ".join(aggregate.METRICS) + " | mean SPS |",
+                  "|---" * (len(aggregate.METRICS) + 3) + "|"]
+        for arm, x in matrices.items():
+            sps = [r.get("sps") for r in used[arm] if r.get("sps")]
+            lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in aggregate.METRICS)
+                         + (f" | {np.mean(sps):.0f} |" if sps else " | — |"))
+        lines += ["", "## Per task (mean over runs)", "", "| arm | " + " | ".join(tasks) + " |",
+                  "|---" * (len(tasks) + 1) + "|"]
+        for arm, x in matrices.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in x.mean(axis=0)) + " |")
+        pairs = {}
+        for pair in compare:
+            a, b = pair.split(",")
+            if a in matrices and b in matrices:
+                pairs[pair] = (matrices[a], matrices[b])
+            else:
+                lines += ["", f"Comparison {pair} skipped: an arm has no usable runs."]
+        if pairs:
+            poi = aggregate.probability_of_improvement(pairs, reps=reps, seed=seed)
+            lines += ["", "## Probability of improvement", "", "| X, Y | P(X > Y) [95% CI] |", "|---|---|"]
+            lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
+        if make_figures:
+            curves, steps = curve_matrices(used, tasks, normalise, points)
+            written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label)
+            lines += ["", "## Figures", ""] + [f"- `{os.path.basename(p)}`" for p in written if p.endswith(".png")]
+    lines += ["", "## Excluded runs", ""]
+    lines += [f"- `{r['run']}`: {why}" for r, why in excluded] or ["None."]
+    lines += ["", f"Report built in {time.time() - t0:.1f} s."]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite_dir", help="a suite directory written by benchmark/launch.py (holds runs/)")
+    parser.add_argument("--out", help="where report.md and the figures go (default: the suite directory)")
+    parser.add_argument("--compare", nargs="*", default=[], help="pairs X,Y for probability of improvement")
+    parser.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (results are reproducible)")
+    parser.add_argument("--points", type=int, default=10, help="points of the sample-efficiency curves")
+    args = parser.parse_args()
+    if not os.path.isdir(os.path.join(args.suite_dir, "runs")):
+        raise SystemExit(f"error: {args.suite_dir} has no runs/ folder (is it a suite directory?)")
+    print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""benchmark/report.py on synthetic run directories: exclusions are listed with reasons, aggregates equal direct
+NumPy computations on the runs used, figures and report.md are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmark import report  # noqa: E402
+from utils import scores  # noqa: E402
+from utils.runs import collect  # noqa: E402
+
+TASKS = ("CartPole-v1", "Acrobot-v1")
+
+
+def write_run(runs_dir, arm, env_id, seed, score, status="completed", total=1000, plasticity=None):
+    run_dir = os.path.join(runs_dir, f"{arm}__{env_id}__s{seed}")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"status": status, "eval_return_mean": score, "final_train_return": score, "sps": 1000,
+                   "total_timesteps": total}, f)
+    with open(os.path.join(run_dir, "episodes.csv"), "w") as f:
+        f.write("global_step,episodic_return,episodic_length,task\n")
+        for step in range(100, total + 1, 100):
+            f.write(f"{step},{score * step / total},10,{env_id}\n")
+    if plasticity is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir)
+        for step in range(100, total + 1, 100):
+            writer.add_scalar("plasticity/dormant_tau0.1", plasticity * step / total, step)
+        writer.close()
+    return run_dir
+
+
+@pytest.fixture
+def suite(tmp_path):
+    runs = tmp_path / "suite" / "runs"
+    runs.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    truth = {}
+    for arm, centre in (("base", 150.0), ("method", 300.0)):
+        for t in TASKS:
+            for seed in range(1, 6):
+                value = centre + 20 * rng.standard_normal() if t == "CartPole-v1" else -centre + 10 * rng.random()
+                write_run(str(runs), arm, t, seed, float(value), plasticity=0.1 if arm == "base" else 0.02)
+                truth[(arm, t, seed)] = value
+    # runs that must be excluded, each for its own reason
+    write_run(str(runs), "method", "CartPole-v1", 6, float("nan"))
+    write_run(str(runs), "method", "Acrobot-v1", 7, 1.0, status="diverged")
+    os.makedirs(runs / "method__CartPole-v1__s8")  # killed: no summary
+    write_run(str(runs), "base", "CartPole-v1", 9, 100.0)  # a 6th CartPole run: dropped to equalise counts
+    return str(tmp_path / "suite"), truth
+
+
+def test_collect_lists_exclusions_with_reasons(suite):
+    suite_dir, _ = suite
+    rows = {r["run"]: r for r in collect(os.path.join(suite_dir, "runs"))}
+    assert "no finite score" in rows["method__CartPole-v1__s6"]["excluded"]
+    assert "diverged" in rows["method__Acrobot-v1__s7"]["excluded"]
+    assert "no readable summary" in rows["method__CartPole-v1__s8"]["excluded"]
+    assert rows["base__CartPole-v1__s1"]["excluded"] is None
+
+
+def test_report_aggregates_equal_numpy(suite, tmp_path):
+    suite_dir, truth = suite
+    out = str(tmp_path / "report")
+    path = report.report(suite_dir, out, compare=["method,base"], reps=300, points=5)
+    text = open(path).read()
+    for arm in ("base", "method"):
+        x = np.array([[scores.normalize(t, truth[(arm, t, s)]) for t in sorted(TASKS)] for s in range(1, 6)])
+        iqm = stats.trim_mean(x, 0.25, axis=None)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {arm} | 5 |"))
+        assert f"{iqm:.3f} [" in row, (arm, iqm, row)
+    for run, why in (("method__CartPole-v1__s6", "no finite score"), ("method__Acrobot-v1__s7", "diverged"),
+                     ("method__CartPole-v1__s8", "no readable summary"), ("base__CartPole-v1__s9", "equalised")):
+        line = next(line for line in text.splitlines() if f"`{run}`" in line)
+        assert why in line
+    assert "| method,base |" in text
+    for name in ("aggregates", "performance_profile", "sample_efficiency", "plasticity", "probability_of_improvement"):
+        for ext in ("png", "pdf"):
+            assert os.path.getsize(os.path.join(out, f"{name}.{ext}")) > 1000, name
+
+
+def test_report_is_reproducible(suite, tmp_path):
+    suite_dir, _ = suite
+    a = open(report.report(suite_dir, str(tmp_path / "a"), ["method,base"], reps=200, make_figures=False)).read()
+    b = open(report.report(suite_dir, str(tmp_path / "b"), ["method,base"], reps=200, make_figures=False)).read()
+    strip = lambda s: [line for line in s.splitlines() if not line.startswith("Report built")]  # noqa: E731
+    assert strip(a) == strip(b)
