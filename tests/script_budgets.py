@@ -1,11 +1,14 @@
-"""Tiny budgets for running every script in algos/ end to end (tests/test_standalone.py).
+"""Tiny budgets for running every script in algos/ end to end (tests/test_standalone.py), taken from the `smoke`
+suite (benchmark/suites/smoke.toml), so the harness's smoke suite and the standalone test cannot drift apart:
+the first arm of each script there gives `--env-id <its first env id>` plus its flags. A script without an arm
+in the smoke suite has no entry, and test_standalone.py fails until one is added."""
 
-Each entry is a run of a few hundred steps that still reaches the learning updates, the diagnostics and the
-evaluation. Every new script in algos/ must add an entry here (test_standalone.py fails until it does).
-"""
+import os
+import sys
 
-TINY_ARGS = {
-    "dqn.py": ["--env-id", "CartPole-v1", "--total-timesteps", "600", "--learning-starts", "200",
-               "--buffer-size", "1000", "--batch-size", "32", "--eval-episodes", "2", "--metrics-every", "10",
-               "--log-every", "10", "--device", "cpu"],
-}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmark.launch import load_suite  # noqa: E402
+
+TINY_ARGS: dict[str, list[str]] = {}
+for _run in load_suite("smoke")[1]:
+    TINY_ARGS.setdefault(os.path.basename(_run.script), ["--env-id", _run.env_id, *_run.flags])

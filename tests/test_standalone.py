@@ -65,7 +65,7 @@ def isolated_env(site_dir: str) -> dict:
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_runs_alone(name, tmp_path):
     if name not in TINY_ARGS:
-        pytest.fail(f"algos/{name} has no entry in tests/script_budgets.py: add TINY_ARGS[{name!r}] = [...] with "
+        pytest.fail(f"algos/{name} has no arm in benchmark/suites/smoke.toml (the source of tests/script_budgets.py): add one with "
                     f"flags for a run of a few hundred steps that reaches the learning updates")
     work = tmp_path / "work"
     work.mkdir()
