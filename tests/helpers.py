@@ -55,3 +55,15 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     assert events, f"no TensorBoard event file in {run_dir}"
     return {tag: [(e.step, e.value) for e in evs] for tag, evs in read_scalar_events(run_dir).items()}
+
+
+def assert_one_line_error(proc, *fragments: str) -> str:
+    """A bad-input failure: exit status 2, no traceback, exactly one `error: ...` line holding every fragment."""
+    assert proc.returncode == 2, describe(proc)  # UserError: exit status 2
+    assert "Traceback" not in proc.stderr, describe(proc)
+    lines = stderr_lines(proc.stderr)
+    assert len(lines) == 1, f"expected one error line, got {lines}"
+    assert lines[0].startswith("error:"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]

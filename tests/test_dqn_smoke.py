@@ -3,7 +3,6 @@ checkpoint round trip, an Atari run with episodic life, and a task sequence."""
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 from importlib.metadata import version

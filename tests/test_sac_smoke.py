@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import describe, load_script, read_csv, read_json, read_scalars, run_script, script_path, stderr_lines
+from helpers import assert_one_line_error, describe, load_script, read_csv, read_json, read_scalars, run_script, script_path, stderr_lines
 
 SAC = script_path("sac")
 EPISODES_HEADER = ["global_step", "episodic_return", "episodic_length", "task"]
@@ -215,17 +215,6 @@ def test_same_seed_same_episodes_other_seed_differs(tmp_path):
     assert runs["a"].count(b"\n") > 10
     assert runs["a"] == runs["b"], "two runs with the same seed wrote different episodes.csv"
     assert runs["a"] != runs["c"], "runs with different seeds wrote the same episodes.csv"
-
-
-def assert_one_line_error(proc, *fragments: str):
-    assert proc.returncode == 2, describe(proc)  # UserError: exit status 2
-    assert "Traceback" not in proc.stderr, describe(proc)
-    lines = stderr_lines(proc.stderr)
-    assert len(lines) == 1, f"expected one error line, got {lines}"
-    assert lines[0].startswith("error:"), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def test_discrete_action_env_is_rejected(tmp_path):
