@@ -67,3 +67,34 @@ def assert_one_line_error(proc, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def assert_seed_determinism(run, tmp_path, *flags) -> dict[str, str]:
+    """Three runs through `run(tmp_path, name, *flags, "--seed", seed)`, seeds 5, 5 and 6: the two seed-5 runs write
+    byte-identical episodes.csv, the seed-6 run a different one. Returns {name: run directory}."""
+    runs, dirs = {}, {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        proc = run(tmp_path, name, *flags, "--seed", seed)
+        assert proc.returncode == 0, describe(proc)
+        dirs[name] = os.path.join(str(tmp_path), name)
+        with open(os.path.join(dirs[name], "episodes.csv"), "rb") as f:
+            runs[name] = f.read()
+        assert read_json(os.path.join(dirs[name], "summary.json"))["num_updates"] > 0
+    assert runs["a"].count(b"\n") > 10
+    assert runs["a"] == runs["b"], "two runs with the same seed wrote different episodes.csv"
+    assert runs["a"] != runs["c"], "runs with different seeds wrote the same episodes.csv"
+    return dirs
+
+
+def assert_diverged_cleanly(proc, run_dir: str) -> dict:
+    """A non-finite loss: exit status 3, no traceback, one `error:` line, summary status "diverged" with a
+    "non-finite" error. Returns the summary."""
+    assert proc.returncode == 3, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    lines = stderr_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    assert summary["status"] == "diverged", summary
+    assert "non-finite" in summary["error"]
+    return summary
+

@@ -7,7 +7,10 @@ import os
 
 import pytest
 
-from helpers import assert_one_line_error, describe, load_script, read_json, run_script, script_path, stderr_lines
+from helpers import (
+    assert_diverged_cleanly, assert_one_line_error, assert_seed_determinism, load_script, read_json, run_script,
+    script_path,
+)
 
 PPO = script_path("ppo")
 DETERMINISM_FLAGS = ["--env-id", "CartPole-v1", "--total-timesteps", 768, "--num-envs", 2, "--num-steps", 64,
@@ -19,21 +22,8 @@ def run_ppo(tmp_path, run_name: str, *flags):
                       env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def episodes_bytes(tmp_path, run_name: str) -> bytes:
-    with open(os.path.join(str(tmp_path), run_name, "episodes.csv"), "rb") as f:
-        return f.read()
-
-
 def test_same_seed_same_episodes_other_seed_differs(tmp_path):
-    runs = {}
-    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        proc = run_ppo(tmp_path, name, *DETERMINISM_FLAGS, "--seed", seed)
-        assert proc.returncode == 0, describe(proc)
-        runs[name] = episodes_bytes(tmp_path, name)
-        assert read_json(os.path.join(str(tmp_path), name, "summary.json"))["num_updates"] > 0
-    assert runs["a"].count(b"\n") > 10
-    assert runs["a"] == runs["b"], "two runs with the same seed wrote different episodes.csv"
-    assert runs["a"] != runs["c"], "runs with different seeds wrote the same episodes.csv"
+    assert_seed_determinism(run_ppo, tmp_path, *DETERMINISM_FLAGS)
 
 
 def test_unknown_env_id_suggests_close_match(tmp_path):
@@ -74,12 +64,7 @@ def test_huge_learning_rate_diverges_cleanly(tmp_path):
     total = 2048
     proc = run_ppo(tmp_path, "div", "--env-id", "CartPole-v1", "--learning-rate", 1e30, "--total-timesteps", total,
                    "--num-envs", 2, "--num-steps", 64, "--eval-episodes", 0, "--metrics-every", 0, "--device", "cpu")
-    assert proc.returncode == 3, describe(proc)
-    assert "Traceback" not in proc.stderr, describe(proc)
-    lines = stderr_lines(proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error:"), lines
-    summary = read_json(os.path.join(str(tmp_path), "div", "summary.json"))
-    assert summary["status"] == "diverged" and "non-finite" in summary["error"], summary
+    summary = assert_diverged_cleanly(proc, os.path.join(str(tmp_path), "div"))
     assert 0 < summary["global_step"] < total
 
 
