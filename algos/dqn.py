@@ -63,6 +63,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms are used"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the networks live: auto picks cuda when available"""
+    torch_threads: int = 0
+    """torch CPU threads (0: torch's default, one per core unless OMP_NUM_THREADS is set, as the benchmark harness
+    does); on a busy CPU one thread per run avoids oversubscription (docs/conventions.md, threads)"""
     output_dir: str = "runs"
     """outputs go to <output_dir>/<run_name>/"""
     run_name: Optional[str] = None
@@ -210,6 +213,8 @@ def resolve_args(args: Args):
     for name in ("num_envs", "batch_size", "buffer_size", "n_step", "target_network_frequency", "total_timesteps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.torch_threads < 0:
+        raise UserError("--torch-threads must be >= 0")
     if args.replay_ratio < 0 or not 0 <= args.end_e <= args.start_e <= 1:
         raise UserError("need --replay-ratio >= 0 and 0 <= end-e <= start-e <= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -556,6 +561,8 @@ def run(args: Args) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if device.type == "cuda":  # CPU kernels used here are deterministic; this call costs ~2 s of imports
         torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     rng = np.random.default_rng(args.seed)

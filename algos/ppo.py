@@ -64,6 +64,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms are used"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the networks live: auto picks cuda when available"""
+    torch_threads: int = 0
+    """torch CPU threads (0: torch's default, one per core unless OMP_NUM_THREADS is set, as the benchmark harness
+    does); on a busy CPU one thread per run avoids oversubscription (docs/conventions.md, threads)"""
     output_dir: str = "runs"
     """outputs go to <output_dir>/<run_name>/"""
     run_name: Optional[str] = None
@@ -284,6 +287,8 @@ def resolve_args(args: Args):
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.torch_threads < 0:
+        raise UserError("--torch-threads must be >= 0")
     if args.total_timesteps < batch_size:
         raise UserError(f"--total-timesteps ({args.total_timesteps}) is less than one rollout, num_envs * num_steps "
                         f"= {batch_size}")
@@ -695,6 +700,8 @@ def run(args: Args) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if device.type == "cuda":  # CPU kernels used here are deterministic; this call costs ~2 s of imports
         torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     rng = np.random.default_rng(args.seed)

@@ -66,6 +66,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms are used"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the networks live: auto picks cuda when available"""
+    torch_threads: int = 0
+    """torch CPU threads (0: torch's default, one per core unless OMP_NUM_THREADS is set, as the benchmark harness
+    does); on a busy CPU one thread per run avoids oversubscription (docs/conventions.md, threads)"""
     output_dir: str = "runs"
     """outputs go to <output_dir>/<run_name>/"""
     run_name: Optional[str] = None
@@ -104,9 +107,6 @@ class Args:
     """EnvPool worker threads (0: one per env up to the core count)"""
     max_episode_steps: Optional[int] = None
     """episode cap in agent steps [default: EnvPool's, 1000 for MuJoCo and DMC]"""
-    torch_threads: int = 1
-    """torch CPU threads (0: torch's default, one per core); 1 because SAC's 256-wide MLPs gain little from more,
-    and oversubscribed threads on a busy CPU were 8-10x slower (docs/sac.md, detail 10)"""
 
     # --- algorithm (defaults: CleanRL's sac_continuous_action.py) ---
     buffer_size: int = 1_000_000
