@@ -3,6 +3,8 @@
     python -m benchmark.launch --suite smoke                 # benchmark/suites/smoke.toml
     python -m benchmark.launch --suite quick --workers 2 --threads-per-run 1
     python -m benchmark.launch --suite smoke --dry-run       # print the commands
+    python -m benchmark.launch --suite atari100k --executor slurm --slurm-partition gpu --slurm-gpus-per-node 1 \
+        --slurm-time 720 --slurm-setup "source .venv/bin/activate"   # one Slurm array job, through submitit
 
 Layout under --output-dir (default `benchmarks/`): `<suite>/runs/<run_name>/` (what each script writes),
 `<suite>/logs/<run_name>.attempt<k>.log` (stdout and stderr of each attempt), `<suite>/manifest.jsonl` (one line
@@ -13,6 +15,11 @@ Guarantees: a run whose summary.json says completed is never re-run or counted t
 its exit status and the tail of its log; a diverged run is final (it would diverge again). The previous attempt's
 files are moved aside, never mixed with a new attempt's. Children die with the launcher (Linux parent-death
 signal), so the launcher can be killed and restarted at any time: the restart re-runs what was not completed.
+
+On Slurm (`--executor slurm`, through submitit) each array task runs its runs with the same attempt loop on the
+node and writes the same manifest (a shared filesystem is assumed). The manifest also records which job each run
+was submitted as; a restart asks `squeue` which of those jobs are still queued or running and never submits a run
+that is in flight. `--executor submitit-local` runs the same job function through submitit's local executor.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import concurrent.futures as futures
 import ctypes
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -110,11 +118,15 @@ class Manifest:
             finally:
                 os.close(fd)
 
-    def history(self) -> tuple[dict[str, int], dict[str, str]]:
-        """Attempts started so far and the last recorded status, per run name (a torn last line from a killed
-        launcher is ignored; an attempt without an end record was killed with the launcher)."""
+    def history(self) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+        """Per run name: attempts started so far, the last recorded status, and the job it was last submitted as
+        (Slurm / submitit executors). A torn last line from a killed launcher is ignored; an attempt without an end
+        record is `killed` (with the launcher, or still running on a cluster: see `in_flight`); a submission
+        without a start yet is `submitted`."""
         counts: dict[str, int] = {}
         last: dict[str, str] = {}
+        jobs: dict[str, str] = {}
+        started_jobs: set[tuple[str, str]] = set()
         if os.path.exists(self.path):
             with open(self.path) as f:
                 for line in f:
@@ -122,12 +134,20 @@ class Manifest:
                         record = json.loads(line)
                     except ValueError:
                         continue
-                    if record.get("event") == "start":
-                        counts[record["run"]] = counts.get(record["run"], 0) + 1
-                        last[record["run"]] = "killed"
-                    elif record.get("event") == "end":
-                        last[record["run"]] = record["status"]
-        return counts, last
+                    run, event = record.get("run"), record.get("event")
+                    if event == "start":
+                        counts[run] = counts.get(run, 0) + 1
+                        last[run] = "killed"
+                        if record.get("job_id"):
+                            started_jobs.add((run, record["job_id"]))
+                    elif event == "end":
+                        last[run] = record["status"]
+                    elif event == "submit":
+                        jobs[run] = record["job_id"]
+                        # a fast job can start (or finish) before the launcher writes its submit record
+                        if (run, record["job_id"]) not in started_jobs:
+                            last[run] = "submitted"
+        return counts, last, jobs
 
 
 def _die_with_parent():
@@ -146,7 +166,8 @@ def tail(path: str, lines: int = 20) -> str:
         return ""
 
 
-def attempt(run: Run, suite_dir: str, k: int, manifest: Manifest, threads: int, version: str | None) -> str:
+def attempt(run: Run, suite_dir: str, k: int, manifest: Manifest, threads: int, version: str | None,
+            job_id: str | None = None) -> str:
     """One attempt of one run; returns its status (completed, diverged, failed, killed)."""
     runs_dir, logs_dir = os.path.join(suite_dir, "runs"), os.path.join(suite_dir, "logs")
     run_dir = os.path.join(runs_dir, run.name)
@@ -158,6 +179,8 @@ def attempt(run: Run, suite_dir: str, k: int, manifest: Manifest, threads: int, 
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     base = {"run": run.name, "arm": run.arm, "env_id": run.env_id, "seed": run.seed, "attempt": k}
+    if job_id:
+        base["job_id"] = job_id
     manifest.append({"event": "start", **base, "command": cmd, "code_version": version})
     start = time.time()
     with open(log_path, "w") as log:
@@ -174,9 +197,159 @@ def attempt(run: Run, suite_dir: str, k: int, manifest: Manifest, threads: int, 
     return status
 
 
+def run_attempts(run: Run, suite_dir: str, manifest: Manifest, threads: int, version: str | None, max_attempts: int,
+                 next_attempt, job_id: str | None = None) -> str:
+    """Attempts of one run until one is final or `max_attempts` have started; `next_attempt()` returns the next
+    attempt number (counted across launches)."""
+    status = "failed"
+    while True:
+        k = next_attempt()
+        if k > max_attempts:
+            break
+        status = attempt(run, suite_dir, k, manifest, threads, version, job_id)
+        if status in FINAL:
+            break
+        print(f"  {run.name}: attempt {k} {status}" + (", retrying" if k < max_attempts else ", giving up"),
+              flush=True)
+    return status
+
+
+def run_job(runs: list[Run], suite_dir: str, threads: int, version: str | None, max_attempts: int) -> dict[str, str]:
+    """What one Slurm (or submitit-local) job runs: its runs one after the other, each with the attempt loop of the
+    local executor, recording in the suite's manifest (the attempt count is read from it, so attempts made by
+    earlier jobs count)."""
+    try:
+        import submitit
+        job_id = submitit.JobEnvironment().job_id
+    except (ImportError, RuntimeError):
+        job_id = None
+    manifest = Manifest(os.path.join(suite_dir, "manifest.jsonl"))
+    results = {}
+    for run in runs:
+        if read_status(os.path.join(suite_dir, "runs", run.name)) in FINAL:  # e.g. a requeued job
+            results[run.name] = read_status(os.path.join(suite_dir, "runs", run.name))
+            continue
+        counts = manifest.history()[0]
+        attempts = iter(range(counts.get(run.name, 0) + 1, max_attempts + 2))
+        results[run.name] = run_attempts(run, suite_dir, manifest, threads, version, max_attempts,
+                                         lambda: next(attempts), job_id)
+    return results
+
+
+def active_jobs(executor: str, job_ids: set[str]) -> set[str]:
+    """Which of these jobs are still queued or running. Slurm: asks `squeue` (one line per array task); submitit's
+    local executor: job ids are process ids. Fails with a clear error rather than guess: a wrong guess would
+    submit a run twice."""
+    if not job_ids:
+        return set()
+    if executor == "submitit-local":
+        alive = set()
+        for job_id in job_ids:
+            try:
+                os.kill(int(job_id), 0)
+                alive.add(job_id)
+            except (OSError, ValueError):
+                pass
+        return alive
+    base_ids = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--array", "--format=%i", "--jobs=" + ",".join(base_ids)],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SystemExit(f"error: cannot ask squeue which submitted runs are still queued or running ({e})")
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:  # squeue errors on ids it no longer knows
+        raise SystemExit(f"error: squeue failed ({out.stderr.strip() or out.returncode}); cannot tell which "
+                         "submitted runs are still queued or running")
+    queued = set(out.stdout.split())
+    return {j for j in job_ids if j in queued or j.split("_")[0] in queued}
+
+
+def plan(runs: list[Run], suite_dir: str, manifest: Manifest, max_attempts: int, executor: str):
+    """Split the suite's runs into final ones ({name: status}), runs in flight on a cluster ({name: job id}) and
+    runs to (re)start now."""
+    started, last_status, jobs = manifest.history()
+    final, in_flight, todo = {}, {}, []
+    unfinished = {}
+    for run in runs:
+        status = read_status(os.path.join(suite_dir, "runs", run.name))
+        if status in FINAL:
+            final[run.name] = status
+        elif last_status.get(run.name) in ("submitted", "killed") and run.name in jobs:
+            unfinished[run.name] = jobs[run.name]
+    alive = active_jobs(executor, set(unfinished.values())) if executor != "local" else set()
+    for run in runs:
+        if run.name in final:
+            continue
+        if unfinished.get(run.name) in alive:
+            in_flight[run.name] = unfinished[run.name]
+        elif started.get(run.name, 0) >= max_attempts:  # out of attempts: report how the last one ended
+            final[run.name] = last_status.get(run.name, "failed")
+        else:
+            todo.append(run)
+    return final, in_flight, todo
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    time_min: int = 60
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    array_parallelism: int = 64
+    runs_per_job: int = 1
+    setup: list[str] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def make_executor(executor: str, folder: str, slurm: SlurmOptions, threads: int, suite_name: str):
+    import submitit
+
+    if executor == "submitit-local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=slurm.time_min)
+        return ex
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise SystemExit("error: --executor slurm needs Slurm's sbatch and srun on PATH (run it on a login node)")
+    ex = submitit.SlurmExecutor(folder=folder)
+    params = dict(job_name=f"bench-{suite_name}", time=slurm.time_min, cpus_per_task=slurm.cpus_per_task or
+                  max(1, threads), array_parallelism=slurm.array_parallelism, use_srun=False,
+                  setup=[f"cd {shlex.quote(ROOT)}", *slurm.setup], stderr_to_stdout=True)
+    if slurm.partition:
+        params["partition"] = slurm.partition
+    if slurm.gpus_per_node:
+        params["gpus_per_node"] = slurm.gpus_per_node
+    if slurm.mem_gb:
+        params["mem"] = f"{int(slurm.mem_gb * 1024)}MB"
+    if slurm.extra:
+        params["additional_parameters"] = dict(slurm.extra)
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(todo: list[Run], suite_dir: str, manifest: Manifest, executor: str, slurm: SlurmOptions, threads: int,
+           max_attempts: int, version: str | None, suite_name: str, chunks: int | None = None) -> list:
+    """Submit the runs as one array job (`runs_per_job` runs per array task, or `chunks` tasks) and record the job
+    of every run in the manifest."""
+    ex = make_executor(executor, os.path.join(suite_dir, "jobs"), slurm, threads, suite_name)
+    per_job = max(1, -(-len(todo) // chunks)) if chunks else max(1, slurm.runs_per_job)
+    groups = [todo[i:i + per_job] for i in range(0, len(todo), per_job)]
+    jobs = ex.map_array(run_job, groups, [suite_dir] * len(groups), [threads] * len(groups),
+                        [version] * len(groups), [max_attempts] * len(groups))
+    for job, group in zip(jobs, groups):
+        for run in group:
+            manifest.append({"event": "submit", "run": run.name, "arm": run.arm, "env_id": run.env_id,
+                             "seed": run.seed, "executor": executor, "job_id": str(job.job_id)})
+    print(f"submitted {len(todo)} runs as {len(jobs)} {executor} job(s): "
+          f"{', '.join(str(j.job_id) for j in jobs[:5])}{' ...' if len(jobs) > 5 else ''}", flush=True)
+    return jobs
+
+
 def launch(suite: str, output_dir: str, workers: int, threads: int, max_attempts: int, dry_run: bool = False,
-           progress_every: float = 10.0) -> dict[str, str]:
-    """Run every run of the suite that is not completed; returns {run name: final status}."""
+           progress_every: float = 10.0, executor: str = "local", slurm: SlurmOptions | None = None,
+           wait: bool = True) -> dict[str, str]:
+    """Run (or submit) every run of the suite that is not completed and not in flight; returns {run name: status}
+    (runs still queued or running on a cluster are `submitted`)."""
     name, runs = load_suite(suite)
     suite_dir = os.path.join(output_dir, name)
     if dry_run:
@@ -186,33 +359,28 @@ def launch(suite: str, output_dir: str, workers: int, threads: int, max_attempts
     for sub in ("runs", "logs", "attempts"):
         os.makedirs(os.path.join(suite_dir, sub), exist_ok=True)
     manifest = Manifest(os.path.join(suite_dir, "manifest.jsonl"))
-    started, last_status = manifest.history()
     version = code_version()
-    results: dict[str, str] = {}
-    todo = []
-    for run in runs:
-        status = read_status(os.path.join(suite_dir, "runs", run.name))
-        if status in FINAL:
-            results[run.name] = status
-        elif started.get(run.name, 0) >= max_attempts:  # out of attempts: report how the last one ended
-            results[run.name] = last_status.get(run.name, "failed")
-        else:
-            todo.append(run)
-    print(f"{name}: {len(runs)} runs, {len(results)} already final, {len(todo)} to run")
+    results, in_flight, todo = plan(runs, suite_dir, manifest, max_attempts, executor)
+    print(f"{name}: {len(runs)} runs, {len(results)} already final, {len(in_flight)} in flight, "
+          f"{len(todo)} to run", flush=True)
+    if executor != "local":
+        if todo:
+            submit(todo, suite_dir, manifest, executor, slurm or SlurmOptions(), threads, max_attempts, version,
+                   name, chunks=workers if executor == "submitit-local" else None)
+        return watch(runs, suite_dir, manifest, max_attempts, executor, wait, progress_every)
+
+    started = manifest.history()[0]
     lock = threading.Lock()
     t0, durations = time.time(), []
 
     def work(run: Run) -> str:
-        status = "failed"
-        while started.get(run.name, 0) < max_attempts:
+        def next_attempt() -> int:
             with lock:
                 started[run.name] = started.get(run.name, 0) + 1
-                k = started[run.name]
-            t = time.time()
-            status = attempt(run, suite_dir, k, manifest, threads, version)
-            if status in FINAL:
-                break
-            print(f"  {run.name}: attempt {k} {status}" + (", retrying" if k < max_attempts else ", giving up"))
+                return started[run.name]
+
+        t = time.time()
+        status = run_attempts(run, suite_dir, manifest, threads, version, max_attempts, next_attempt)
         with lock:
             results[run.name] = status
             durations.append(time.time() - t)
@@ -232,24 +400,84 @@ def launch(suite: str, output_dir: str, workers: int, threads: int, max_attempts
                 break
         for fut in pending:
             fut.result()  # re-raise a launcher bug instead of losing it
-    failed = {k: v for k, v in results.items() if v != "completed"}
-    for run_name, status in sorted(failed.items()):
-        print(f"  not completed: {run_name}: {status} (logs in {os.path.join(suite_dir, 'logs')})")
+    report_unfinished(results, suite_dir)
     return results
+
+
+def watch(runs: list[Run], suite_dir: str, manifest: Manifest, max_attempts: int, executor: str, wait: bool,
+          every: float) -> dict[str, str]:
+    """Progress of submitted runs, read from the run directories, the manifest and the queue; with `wait`, until
+    nothing is in flight."""
+    t0 = time.time()
+    while True:
+        final, in_flight, todo = plan(runs, suite_dir, manifest, max_attempts, executor)
+        last = manifest.history()[1]
+        running = sum(1 for r in in_flight if last.get(r) == "killed")  # started, no end record yet
+        done = sum(1 for s in final.values() if s == "completed")
+        print(f"[{time.time() - t0:6.0f}s] done {done}, failed {len(final) - done}, running {running}, "
+              f"queued {len(in_flight) - running}, to resubmit {len(todo)}", flush=True)
+        if not wait or not in_flight:
+            break
+        time.sleep(every)
+    results = {**final, **{r: "submitted" for r in in_flight}}
+    for run in todo:  # out of the queue without a final status, attempts left: the next launch resubmits it
+        results[run.name] = manifest.history()[1].get(run.name, "lost")
+    report_unfinished(results, suite_dir)
+    if in_flight:
+        print(f"{len(in_flight)} runs still queued or running: run the same command again to see progress "
+              "(or add --wait)")
+    return results
+
+
+def report_unfinished(results: dict[str, str], suite_dir: str):
+    for run_name, status in sorted(results.items()):
+        if status not in ("completed", "submitted"):
+            print(f"  not completed: {run_name}: {status} (logs in {os.path.join(suite_dir, 'logs')})")
+
+
+def key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), value
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, help="a name under benchmark/suites/ or a path to a .toml file")
     parser.add_argument("--output-dir", default="benchmarks")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="parallel runs (local); parallel jobs (submitit-local)")
     parser.add_argument("--threads-per-run", type=int, default=1, help="OMP/MKL threads per run (0: unset)")
     parser.add_argument("--max-attempts", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                        help="local worker pool; a Slurm array job through submitit; submitit's local executor")
+    slurm = parser.add_argument_group("Slurm (--executor slurm)")
+    slurm.add_argument("--slurm-partition")
+    slurm.add_argument("--slurm-time", type=int, default=60, help="time limit per job in minutes")
+    slurm.add_argument("--slurm-gpus-per-node", type=int, default=0)
+    slurm.add_argument("--slurm-cpus-per-task", type=int, help="default: --threads-per-run")
+    slurm.add_argument("--slurm-mem-gb", type=float)
+    slurm.add_argument("--slurm-array-parallelism", type=int, default=64, help="array tasks running at once")
+    slurm.add_argument("--slurm-runs-per-job", type=int, default=1, help="runs done one after another per task")
+    slurm.add_argument("--slurm-setup", action="append", default=[],
+                       help="shell line run in the job before the runs (repeatable), e.g. 'source .venv/bin/activate'")
+    slurm.add_argument("--slurm-extra", action="append", default=[], type=key_value,
+                       help="any other sbatch option as KEY=VALUE (repeatable), e.g. account=myproject, qos=high")
+    slurm.add_argument("--wait", action="store_true", help="stay until no submitted run is queued or running")
+    slurm.add_argument("--poll", type=float, default=60.0, help="seconds between progress lines with --wait")
     args = parser.parse_args()
+    if args.max_attempts < 1 or args.workers < 1 or args.threads_per_run < 0:
+        parser.error("need --max-attempts >= 1, --workers >= 1 and --threads-per-run >= 0")
+    options = SlurmOptions(args.slurm_partition, args.slurm_time, args.slurm_gpus_per_node, args.slurm_cpus_per_task,
+                           args.slurm_mem_gb, args.slurm_array_parallelism, args.slurm_runs_per_job,
+                           args.slurm_setup, dict(args.slurm_extra))
+    wait = args.wait or args.executor == "submitit-local"
+    every = args.poll if args.executor == "slurm" else 2.0 if args.executor == "submitit-local" else 10.0
     results = launch(args.suite, args.output_dir, args.workers, args.threads_per_run, args.max_attempts,
-                     args.dry_run)
-    sys.exit(1 if any(s != "completed" for s in results.values()) else 0)
+                     args.dry_run, every, args.executor, options, wait)
+    sys.exit(1 if any(s not in ("completed", "submitted") for s in results.values()) else 0)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,16 @@
 probability of improvement, performance profiles, sample-efficiency curves and plasticity curves.
 
     python -m benchmark.report benchmarks/smoke --compare dqn_rr1,dqn --out docs/results/smoke
+    python -m benchmark.report benchmarks/atari100k --published BBF SPR --compare bbf,published:BBF
 
 Writes `report.md` plus PNG and PDF figures to --out (default: the suite directory). Runs that are not completed,
 have no summary, or have a non-finite score are excluded and listed with the reason; so are runs dropped to give
 every task of an arm the same number of runs (rliable's stratified bootstrap needs a (runs, tasks) array).
+
+`--published AGENT ...` adds the published per-run Atari 100k scores of DER, DrQ, DrQ_eps, SPR or BBF
+(benchmark/reference/, with provenance) as arms `published:<AGENT>`, only when the protocol matches: every task is
+an Atari 100k game, and every used run's config.json says 100k agent steps and no sticky actions. Otherwise the
+report says why they were left out.
 """
 
 from __future__ import annotations
@@ -52,6 +58,46 @@ def score_matrices(rows: list[dict], normalise: bool):
             x = np.stack([scores.normalize(t, x[:, j]) for j, t in enumerate(tasks)], axis=1)
         matrices[arm], used[arm] = x, [r for column in chosen for r in column]
     return matrices, tasks, used, dropped
+
+
+PUBLISHED_AGENTS = ("DER", "DrQ", "DrQ_eps", "SPR", "BBF")
+
+
+def published_matrices(agents: list[str], tasks: list[str], used: dict) -> tuple[dict, list[str]]:
+    """{`published:<agent>`: human-normalised (runs, tasks) array} for the suite's tasks, and notes on what was
+    added or left out (and why). A game's published run count varies (BBF: 52-60), so every game keeps its first
+    n runs, n the smallest count over the suite's games."""
+    if not agents:
+        return {}, []
+    notes = []
+    games = {scores.atari_key(g): g for g in scores.load_published(agents[0])}
+    missing = [t for t in tasks if scores.family(t) != "atari" or scores.atari_key(t) not in games]
+    if missing or not tasks:
+        return {}, [f"Published arms left out: {', '.join(missing) or 'no tasks'} not among the 26 Atari 100k games."]
+    mismatched = []
+    for rows in used.values():
+        for r in rows:
+            try:
+                config = read_json(os.path.join(r["dir"], "config.json"))
+            except (OSError, ValueError):
+                mismatched.append(f"{r['run']} (no readable config.json)")
+                continue
+            sticky = config.get("sticky_action_prob", config.get("repeat_action_probability"))
+            if config.get("total_timesteps") != 100_000 or sticky not in (0, 0.0):
+                mismatched.append(f"{r['run']} (total_timesteps {config.get('total_timesteps')}, sticky actions "
+                                  f"{sticky})")
+    if mismatched:
+        return {}, ["Published arms left out: the Atari 100k protocol is 100k agent steps without sticky actions; "
+                    f"not so for {', '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}."]
+    out = {}
+    for agent in agents:
+        data = {scores.atari_key(g): v for g, v in scores.load_published(agent).items()}
+        n = min(len(data[scores.atari_key(t)]) for t in tasks)
+        x = np.array([data[scores.atari_key(t)][:n] for t in tasks], dtype=float).T
+        out[f"published:{agent}"] = np.stack([scores.normalize(t, x[:, j]) for j, t in enumerate(tasks)], axis=1)
+        notes.append(f"`published:{agent}`: published final scores, first {n} runs per game "
+                     "(benchmark/reference/PROVENANCE.md).")
+    return out, notes
 
 
 def curve_matrices(used: dict, tasks: list[str], normalise: bool, points: int):
@@ -177,7 +223,7 @@ def fmt(v) -> str:
 
 
 def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
-           points: int = 10, make_figures: bool = True) -> str:
+           points: int = 10, make_figures: bool = True, published: list[str] = ()) -> str:
     t0 = time.time()
     out = out or suite_dir
     os.makedirs(out, exist_ok=True)
@@ -192,6 +238,9 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
     label = "normalised score" if normalise else "return"
     matrices, tasks, used, dropped = score_matrices(rows, normalise)
     excluded = [(r, r["excluded"]) for r in rows if r["excluded"]] + dropped
+    extra, published_notes = published_matrices(list(published), tasks, used) if normalise else (
+        {}, ["Published arms left out: scores are not normalised."] if published else [])
+    matrices.update(extra)
     lines = [f"# Benchmark report: `{os.path.basename(os.path.normpath(suite_dir))}`", "",
              f"Runs found: {len(rows)}; used: {sum(len(v) for v in used.values())}; excluded: {len(excluded)}. "
              f"Tasks: {', '.join(tasks) or 'none'}. Scores: final evaluation return (training return where a run "
@@ -203,9 +252,11 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
         lines += ["## Aggregates", "", "| arm | runs per task | " + " | ".join(aggregate.METRICS) + " | mean SPS |",
                   "|---" * (len(aggregate.METRICS) + 3) + "|"]
         for arm, x in matrices.items():
-            sps = [r.get("sps") for r in used[arm] if r.get("sps")]
+            sps = [r.get("sps") for r in used.get(arm, []) if r.get("sps")]
             lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in aggregate.METRICS)
                          + (f" | {np.mean(sps):.0f} |" if sps else " | — |"))
+        if published_notes:
+            lines += [""] + published_notes
         lines += ["", "## Per task (mean over runs)", "", "| arm | " + " | ".join(tasks) + " |",
                   "|---" * (len(tasks) + 1) + "|"]
         for arm, x in matrices.items():
@@ -242,10 +293,13 @@ def main():
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (results are reproducible)")
     parser.add_argument("--points", type=int, default=10, help="points of the sample-efficiency curves")
+    parser.add_argument("--published", nargs="*", default=[], choices=PUBLISHED_AGENTS,
+                        help="published Atari 100k runs to add as arms published:<AGENT> (when the protocol matches)")
     args = parser.parse_args()
     if not os.path.isdir(os.path.join(args.suite_dir, "runs")):
         raise SystemExit(f"error: {args.suite_dir} has no runs/ folder (is it a suite directory?)")
-    print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points))
+    print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points,
+                 published=args.published))
 
 
 if __name__ == "__main__":

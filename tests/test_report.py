@@ -94,3 +94,44 @@ def test_report_is_reproducible(suite, tmp_path):
     b = open(report.report(suite_dir, str(tmp_path / "b"), ["method,base"], reps=200, make_figures=False)).read()
     strip = lambda s: [line for line in s.splitlines() if not line.startswith("Report built")]  # noqa: E731
     assert strip(a) == strip(b)
+
+
+def atari100k_suite(tmp_path, sticky=0.0, total=100_000, games=("Alien", "Pong", "Breakout")):
+    runs = tmp_path / "atari" / "runs"
+    for game in games:
+        for seed in range(1, 6):
+            run_dir = write_run(str(runs), "mine", f"{game}-v5", seed, 100.0 * seed, total=total)
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump({"total_timesteps": total, "sticky_action_prob": sticky}, f)
+    return str(tmp_path / "atari")
+
+
+def test_published_arms_match_the_reference_files(tmp_path):
+    suite_dir = atari100k_suite(tmp_path)
+    path = report.report(suite_dir, reps=200, make_figures=False, published=["BBF", "DER"],
+                         compare=["mine,published:BBF"])
+    text = open(path).read()
+    tasks = ["Alien-v5", "Breakout-v5", "Pong-v5"]
+    for agent in ("BBF", "DER"):
+        data = scores.load_published(agent)
+        n = min(len(data[g]) for g in ("Alien", "Breakout", "Pong"))
+        x = np.array([scores.normalize(t, np.array(data[t[:-3]][:n])) for t in tasks]).T
+        iqm = stats.trim_mean(x.ravel(), 0.25)
+        row = next(line for line in text.splitlines() if line.startswith(f"| published:{agent} |"))
+        assert row.split("|")[2].strip() == str(n)
+        assert row.split("|")[3].strip().startswith(f"{iqm:.3f} ["), (row, iqm)
+        assert f"first {n} runs per game" in text
+    assert "| mine,published:BBF |" in text
+
+
+@pytest.mark.parametrize("kind", ["sticky", "budget", "not_atari100k"])
+def test_published_arms_need_the_atari100k_protocol(tmp_path, kind):
+    if kind == "sticky":
+        suite_dir = atari100k_suite(tmp_path, sticky=0.25)
+    elif kind == "budget":
+        suite_dir = atari100k_suite(tmp_path, total=200_000)
+    else:
+        suite_dir = atari100k_suite(tmp_path, games=("Alien", "Tennis"))  # Tennis is not an Atari 100k game
+    text = open(report.report(suite_dir, reps=100, make_figures=False, published=["BBF"])).read()
+    assert "published:BBF |" not in text and "Published arms left out" in text
+    assert ("Tennis-v5 not among" in text) if kind == "not_atari100k" else ("Atari 100k protocol" in text)
