@@ -53,6 +53,7 @@ class Run:
     env_id: str
     seed: int
     flags: list[str] = field(default_factory=list)
+    sequence: list[str] = field(default_factory=list)  # a task sequence (env_id is then its label)
 
     @property
     def name(self) -> str:
@@ -60,13 +61,15 @@ class Run:
 
     def command(self, runs_dir: str) -> list[str]:
         path = self.script if os.path.isabs(self.script) else script_path(self.script)
-        return [sys.executable, path, "--env-id", self.env_id, "--seed", str(self.seed), *self.flags,
+        tasks = ["--env-ids", *self.sequence] if self.sequence else ["--env-id", self.env_id]
+        return [sys.executable, path, *tasks, "--seed", str(self.seed), *self.flags,
                 "--output-dir", runs_dir, "--run-name", self.name]
 
 
 def load_suite(name_or_path: str) -> tuple[str, list[Run]]:
-    """A suite file: `seeds = [...]` and `[[arms]]` tables with `name`, `script`, `env_ids` and optional `flags`
-    and `seeds` (overriding the suite's). Returns (suite name, runs in launch order)."""
+    """A suite file: `seeds = [...]` and `[[arms]]` tables with `name`, `script`, `env_ids` and/or `sequences`
+    (`{label = [env ids]}`: task sequences, run with `--env-ids`, named by their label) and optional `flags` and
+    `seeds` (overriding the suite's). Returns (suite name, runs in launch order)."""
     path = name_or_path if name_or_path.endswith(".toml") else os.path.join(SUITES, name_or_path + ".toml")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(SUITES) if f.endswith(".toml"))
@@ -78,9 +81,16 @@ def load_suite(name_or_path: str) -> tuple[str, list[Run]]:
         if arm["name"] in names:
             raise SystemExit(f"error: {path}: arm name {arm['name']!r} appears twice")
         names.add(arm["name"])
+        tasks = [(env_id, []) for env_id in arm.get("env_ids", [])] + list(arm.get("sequences", {}).items())
+        bad = [label for label, _ in tasks if "__" in label or "/" in label] + \
+            [k for k in ("name",) if "__" in arm["name"]]
+        if bad or not tasks:
+            raise SystemExit(f"error: {path}: arm {arm['name']!r} needs env_ids or sequences, and names without "
+                             f"'__' or '/' (got {bad or 'no tasks'})")
         for seed in arm.get("seeds", spec.get("seeds", [1])):
-            for env_id in arm["env_ids"]:
-                runs.append(Run(arm["name"], arm["script"], env_id, int(seed), [str(x) for x in arm.get("flags", [])]))
+            for label, sequence in tasks:
+                runs.append(Run(arm["name"], arm["script"], label, int(seed), [str(x) for x in arm.get("flags", [])],
+                                [str(x) for x in sequence]))
     return spec.get("name", os.path.basename(path)[:-5]), runs
 
 
