@@ -3,6 +3,8 @@ features of known rank."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -146,3 +148,23 @@ def test_unit_scores_normalisation(dqn):
     assert scores.shape == (6,)
     assert scores.mean().item() == pytest.approx(1.0, rel=1e-6)
     assert torch.allclose(scores, torch.arange(6.0) / 2.5, rtol=1e-5)  # mean of 0..5 is 2.5
+
+
+@pytest.mark.parametrize("script", ["dqn.py", "dqn_redo.py", "sac.py"])
+def test_diagnostics_do_not_change_the_run(tmp_path, script):
+    """The plasticity/ diagnostics draw their batches from their own generator (and SAC's keep torch's RNG state),
+    so turning them on or changing their period leaves a run's episodes bit-identical."""
+    from helpers import run_script, script_path
+    from script_budgets import TINY_ARGS
+
+    args = [a for a in TINY_ARGS[script]]
+    i = args.index("--metrics-every")
+    del args[i:i + 2]
+    outputs = {}
+    for every in ("0", "3"):
+        proc = run_script(script_path(script), [*args, "--metrics-every", every, "--eval-episodes", "0",
+                                                "--output-dir", str(tmp_path), "--run-name", every], cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[every] = open(os.path.join(str(tmp_path), every, "episodes.csv")).read()
+    assert outputs["0"].count("\n") > 5
+    assert outputs["0"] == outputs["3"]
