@@ -633,6 +633,7 @@ def run(args: Args) -> dict:
     if device.type == "cuda":  # CPU kernels used here are deterministic; this call costs ~2 s of imports
         torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     rng = np.random.default_rng(args.seed)
+    metrics_rng = np.random.default_rng([args.seed, 1])  # diagnostics draw their own batches: they never change a run
     start_time = time.time()
     summary = {"status": "failed", "run_name": run_name, "global_step": 0, "total_timesteps": args.total_timesteps}
     train_returns, eval_returns = [], []
@@ -774,9 +775,11 @@ def run(args: Args) -> dict:
                         writer.add_scalar("charts/SPS", sps, global_step)
                         writer.add_scalar("charts/num_updates", num_updates, global_step)
                     if args.metrics_every and num_updates % args.metrics_every == 0:
-                        metrics_batch = to_torch(rb.sample(args.metrics_batch_size, rng), device)
-                        for key, value in plasticity_metrics(actor, qf1, qf2, qf1_target, qf2_target, metrics_batch,
-                                                             alpha, args.gamma).items():
+                        metrics_batch = to_torch(rb.sample(args.metrics_batch_size, metrics_rng), device)
+                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep torch's RNG
+                            metrics = plasticity_metrics(actor, qf1, qf2, qf1_target, qf2_target, metrics_batch, alpha,
+                                                         args.gamma)
+                        for key, value in metrics.items():
                             writer.add_scalar(key, value, global_step)
             if args.eval_every and global_step >= next_eval and args.eval_episodes:
                 returns = evaluate(actor, tasks[task_index], args, args.eval_episodes, args.seed + global_step, device)
