@@ -531,6 +531,8 @@ class Agent(nn.Module):
 
     def forward(self, x, return_hidden: bool = False):
         """Returns (logits or Gaussian mean, value of shape (B,), hidden list or None)."""
+        if self.pixel and x.device.type == "cpu":  # channels-last convolutions are faster on CPU (detail 15)
+            x = x.contiguous(memory_format=torch.channels_last)  # while still uint8: a 4x smaller copy
         x = x.float() / 255.0 if self.pixel else x.float()
         hidden = [] if return_hidden else None
         z = self._walk(self.trunk, x, "", hidden)
@@ -919,7 +921,7 @@ def run(args: Args) -> dict:
                            checkpoint=args.eval_checkpoint)
             return summary
         # Adam with eps 1e-5 (detail 4); the LR is annealed linearly over the whole run, all tasks together
-        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
         num_steps, num_envs = args.num_steps, args.num_envs
         num_iterations = args.total_timesteps // (num_steps * num_envs)  # CleanRL: whole rollouts only
 

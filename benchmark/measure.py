@@ -63,9 +63,13 @@ def timed_run(cmd: list[str], cwd: str, env: dict, log_path: str) -> tuple[float
     return wall, proc.returncode, before, loadavg()
 
 
+def our_script(script: str) -> str:
+    return script_path(script) if script in algo_scripts() else os.path.abspath(script)
+
+
 def measure_ours(args, out: str, repeat: int, env: dict) -> dict:
-    name = f"{os.path.splitext(args.script)[0]}_{args.env_id}_r{repeat}_{int(time.time())}"
-    cmd = [args.python, script_path(args.script), "--env-id", args.env_id, "--total-timesteps",
+    name = f"{os.path.splitext(os.path.basename(args.script))[0]}_{args.env_id}_r{repeat}_{int(time.time())}"
+    cmd = [args.python, our_script(args.script), "--env-id", args.env_id, "--total-timesteps",
            str(args.total_timesteps), "--eval-episodes", "0", "--output-dir", out, "--run-name", name, *args.extra]
     wall, status, before, after = timed_run(cmd, ROOT, env, os.path.join(out, name + ".log"))
     summary_path = os.path.join(out, name, "summary.json")
@@ -73,7 +77,8 @@ def measure_ours(args, out: str, repeat: int, env: dict) -> dict:
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-    return {"side": "ours", "script": f"algos/{args.script}", "repeat": repeat, "exit_status": status,
+    script = os.path.relpath(cmd[1], ROOT) if args.script in algo_scripts() else cmd[1]
+    return {"side": "ours", "script": script, "repeat": repeat, "exit_status": status,
             "wall_s": round(wall, 2), "sps": summary.get("sps"), "global_step": summary.get("global_step"),
             "run_wall_s": round(summary["wall_time_s"], 2) if "wall_time_s" in summary else None,
             "loadavg_before": before, "loadavg_after": after, "command": cmd}
@@ -95,12 +100,12 @@ def measure_cleanrl(args, out: str, repeat: int, env: dict) -> dict:
 
 def median_of(rows: list[dict], side: str, key: str):
     values = [r[key] for r in rows if r["side"] == side and r["exit_status"] == 0 and r[key] is not None]
-    return statistics.median(values) if values else None
+    return round(statistics.median(values), 2) if values else None
 
 
 def sps(args):
-    if args.script not in algo_scripts():
-        sys.exit(f"error: --script must be one of {', '.join(algo_scripts())}; got {args.script!r}")
+    if args.script not in algo_scripts() and not os.path.isfile(args.script):
+        sys.exit(f"error: --script must be one of {', '.join(algo_scripts())} or a file; got {args.script!r}")
     if args.cleanrl_script and not os.path.isfile(args.cleanrl_script):
         sys.exit(f"error: --cleanrl-script {args.cleanrl_script} does not exist")
     out = os.path.abspath(args.output_dir or tempfile.mkdtemp(prefix="measure_"))
@@ -134,7 +139,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("sps", help="steps per second of a script of algos/, optionally beside CleanRL's")
-    p.add_argument("--script", required=True, help="a file of algos/, e.g. ppo.py")
+    p.add_argument("--script", required=True,
+                   help="a file of algos/, e.g. ppo.py, or the path of a copy of one (e.g. an older version)")
     p.add_argument("--env-id", required=True)
     p.add_argument("--total-timesteps", type=int, required=True)
     p.add_argument("--repeats", type=int, default=2, help="runs of each side, interleaved")

@@ -262,6 +262,12 @@ def test_networks(ppo):
     logits, value, hidden = cnn(torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8), return_hidden=True)
     assert logits.shape == (2, 6) and value.shape == (2,)
     assert [name for name, _, _ in hidden] == ["conv1", "conv2", "conv3", "fc1"]
+    # CPU convolutions run channels-last (docs/ppo.md, detail 15): a memory layout, the same function as NCHW
+    assert hidden[0][1].is_contiguous(memory_format=torch.channels_last)
+    frames = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        nchw = cnn.trunk(frames.float() / 255.0)
+        torch.testing.assert_close(cnn(frames)[0], cnn.actor(nchw), rtol=1e-4, atol=1e-5)
 
     mlp = ppo.Agent((11,), 3, continuous=True)
     _, _, hidden = mlp(torch.randn(5, 11), return_hidden=True)
