@@ -895,6 +895,7 @@ def run(args: Args) -> dict:
     if device.type == "cuda":  # CPU kernels used here are deterministic; this call costs ~2 s of imports
         torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     rng = np.random.default_rng(args.seed)
+    metrics_rng = np.random.default_rng([args.seed, 1])  # diagnostics draw their own samples: they never change a run
     start_time = time.time()
     summary = {"status": "failed", "run_name": run_name, "global_step": 0, "total_timesteps": args.total_timesteps}
     train_returns, eval_returns = [], []
@@ -1033,7 +1034,7 @@ def run(args: Args) -> dict:
                         penalties.append(loss_stats["penalty"].item())
                     if args.metrics_every and num_updates % args.metrics_every == 0:
                         valid_idx = np.flatnonzero(valid_buf.reshape(-1))
-                        sample = torch.from_numpy(rng.choice(
+                        sample = torch.from_numpy(metrics_rng.choice(
                             valid_idx, min(args.metrics_batch_size, len(valid_idx)), replace=False)).to(device)
                         metrics_batch = (b_obs[sample], b_actions[sample], b_logprobs[sample], b_advantages[sample],
                                          b_returns[sample], b_values[sample])

@@ -150,7 +150,7 @@ def test_unit_scores_normalisation(dqn):
     assert torch.allclose(scores, torch.arange(6.0) / 2.5, rtol=1e-5)  # mean of 0..5 is 2.5
 
 
-@pytest.mark.parametrize("script", ["dqn.py", "dqn_redo.py", "sac.py", "sac_simplicial.py"])
+@pytest.mark.parametrize("script", ["dqn.py", "dqn_redo.py", "sac.py", "sac_simplicial.py", "ppo.py", "ppo_gtr.py"])
 def test_diagnostics_do_not_change_the_run(tmp_path, script):
     """The plasticity/ diagnostics draw their batches from their own generator (and SAC's keep torch's RNG state),
     so turning them on or changing their period leaves a run's episodes bit-identical."""
