@@ -148,7 +148,7 @@ def save(fig, out: str, name: str) -> list[str]:
     return paths
 
 
-def figures(out, matrices, agg, curves, steps, plast, poi, label) -> list[str]:
+def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +165,7 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label) -> list[str]:
         ax.set_yticks(range(len(arms)), arms if metric == aggregate.METRICS[0] else [""] * len(arms))
         ax.set_title(metric)
         ax.set_xlabel(label)
-    written += save(fig, out, "aggregates")
+    written += save(fig, out, prefix + "aggregates")
     plt.close(fig)
 
     hi = max(float(np.max(x)) for x in matrices.values())
@@ -179,7 +179,7 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label) -> list[str]:
     plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=profile_cis, ax=ax,
                                          xlabel=f"{label} tau", ylabel="fraction of runs with score > tau")
     ax.legend(arms)
-    written += save(fig, out, "performance_profile")
+    written += save(fig, out, prefix + "performance_profile")
     plt.close(fig)
 
     if curves:
@@ -191,7 +191,7 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label) -> list[str]:
         ax.set_xlabel("environment steps")
         ax.set_ylabel(f"IQM {label} (training episodes)")
         ax.legend()
-        written += save(fig, out, "sample_efficiency")
+        written += save(fig, out, prefix + "sample_efficiency")
         plt.close(fig)
 
     if plast:
@@ -202,7 +202,7 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label) -> list[str]:
             ax.set_title(key.replace("plasticity/", ""))
             ax.set_xlabel("environment steps")
         np.atleast_1d(axes)[0].legend()
-        written += save(fig, out, "plasticity")
+        written += save(fig, out, prefix + "plasticity")
         plt.close(fig)
 
     if poi:
@@ -213,7 +213,7 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label) -> list[str]:
         ax.axvline(0.5, ls="--", color="gray")
         ax.set_yticks(range(len(poi)), [f"P({p.split(',')[0]} > {p.split(',')[1]})" for p in poi])
         ax.set_xlabel("probability of improvement")
-        written += save(fig, out, "probability_of_improvement")
+        written += save(fig, out, prefix + "probability_of_improvement")
         plt.close(fig)
     return written
 
@@ -222,12 +222,24 @@ def fmt(v) -> str:
     return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
 
-def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
-           points: int = 10, make_figures: bool = True, published: list[str] = ()) -> str:
-    t0 = time.time()
-    out = out or suite_dir
-    os.makedirs(out, exist_ok=True)
-    rows = collect(os.path.join(suite_dir, "runs"))
+def task_groups(rows: list[dict]) -> list[list[str]]:
+    """Arms grouped by the set of tasks they were run on (every run found, usable or not, so an arm whose runs
+    failed on one task stays with its group and is reported as missing that task rather than moved elsewhere).
+    One group for an ordinary suite; several when a suite mixes families (SAC on DMC next to PPO on classic
+    control), which cannot share one (runs, tasks) matrix or one normalisation."""
+    tasks_of = defaultdict(set)
+    for r in rows:
+        tasks_of[r["arm"]].add(r["env_id"])
+    groups = defaultdict(list)
+    for arm, tasks in sorted(tasks_of.items()):
+        groups[tuple(sorted(tasks))].append(arm)
+    return [arms for _, arms in sorted(groups.items())]
+
+
+def section(rows, out, compare, reps, seed, points, make_figures, published, prefix="", depth=2):
+    """The report body for one task group: (markdown lines, excluded (row, reason) pairs, runs used)."""
+    h = "#" * depth
+    group = {r["arm"] for r in rows}
     usable_tasks = sorted({r["env_id"] for r in rows if r["excluded"] is None})
     normalise = bool(usable_tasks)
     for t in usable_tasks:
@@ -241,42 +253,76 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
     extra, published_notes = published_matrices(list(published), tasks, used) if normalise else (
         {}, ["Published arms left out: scores are not normalised."] if published else [])
     matrices.update(extra)
+    lines = [f"Tasks: {', '.join(tasks) or 'none'}. Scores: final evaluation return (training return where a run "
+             f"has no evaluation), {'normalised (utils/scores.py)' if normalise else 'raw returns (not every task has a normalisation reference)'}.", ""]
+    if not matrices:
+        return lines, excluded, 0
+    agg = aggregate.aggregate(matrices, reps=reps, seed=seed)
+    lines += [f"{h} Aggregates", "", "| arm | runs per task | " + " | ".join(aggregate.METRICS) + " | mean SPS |",
+              "|---" * (len(aggregate.METRICS) + 3) + "|"]
+    for arm, x in matrices.items():
+        sps = [r.get("sps") for r in used.get(arm, []) if r.get("sps")]
+        lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in aggregate.METRICS)
+                     + (f" | {np.mean(sps):.0f} |" if sps else " | — |"))
+    if published_notes:
+        lines += [""] + published_notes
+    lines += ["", f"{h} Per task (mean over runs)", "", "| arm | " + " | ".join(tasks) + " |",
+              "|---" * (len(tasks) + 1) + "|"]
+    for arm, x in matrices.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in x.mean(axis=0)) + " |")
+    pairs, poi = {}, {}
+    for pair in compare:
+        a, b = pair.split(",")
+        if a in matrices and b in matrices:
+            pairs[pair] = (matrices[a], matrices[b])
+        elif all(arm in group or arm.startswith("published:") for arm in (a, b)):
+            lines += ["", f"Comparison {pair} skipped: an arm has no usable runs."]
+    if pairs:
+        poi = aggregate.probability_of_improvement(pairs, reps=reps, seed=seed)
+        lines += ["", f"{h} Probability of improvement", "", "| X, Y | P(X > Y) [95% CI] |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
+    if make_figures:
+        curves, steps = curve_matrices(used, tasks, normalise, points)
+        written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix)
+        lines += ["", f"{h} Figures", ""] + [f"- `{os.path.basename(p)}`" for p in written if p.endswith(".png")]
+    return lines, excluded, sum(len(v) for v in used.values())
+
+
+def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
+           points: int = 10, make_figures: bool = True, published: list[str] = ()) -> str:
+    """Write report.md (and figures) for a suite directory. Arms run on different task sets are reported in
+    separate sections, one per task group (task_groups), each with its own aggregates, figures (file names
+    prefixed g1_, g2_, ...) and comparisons; a comparison between arms of different groups is skipped with a note."""
+    t0 = time.time()
+    out = out or suite_dir
+    os.makedirs(out, exist_ok=True)
+    rows = collect(os.path.join(suite_dir, "runs"))
+    groups = task_groups(rows)
+    body, excluded, n_used = [], [], 0
+    group_of = {arm: k for k, arms in enumerate(groups) for arm in arms}
+    for pair in compare:
+        a, b = pair.split(",")
+        missing = [arm for arm in (a, b) if arm not in group_of and not arm.startswith("published:")]
+        if missing:
+            body += [f"Comparison {pair} skipped: no runs of {', '.join(missing)}.", ""]
+        elif a in group_of and b in group_of and group_of[a] != group_of[b]:
+            body += [f"Comparison {pair} skipped: the two arms were run on different tasks.", ""]
+    for k, arms in enumerate(groups or [[]]):
+        group_rows = [r for r in rows if r["arm"] in arms]
+        if len(groups) > 1:
+            body += [f"## Group {k + 1}: {', '.join(arms)}", ""]
+        lines, ex, n = section(group_rows, out, compare, reps, seed, points, make_figures, published,
+                               prefix=f"g{k + 1}_" if len(groups) > 1 else "", depth=3 if len(groups) > 1 else 2)
+        body += lines + [""]
+        excluded += ex
+        n_used += n
     lines = [f"# Benchmark report: `{os.path.basename(os.path.normpath(suite_dir))}`", "",
-             f"Runs found: {len(rows)}; used: {sum(len(v) for v in used.values())}; excluded: {len(excluded)}. "
-             f"Tasks: {', '.join(tasks) or 'none'}. Scores: final evaluation return (training return where a run "
-             f"has no evaluation), {'normalised (utils/scores.py)' if normalise else 'raw returns (not every task has a normalisation reference)'}. "
-             f"Intervals: 95% stratified bootstrap, {reps} repetitions, seed {seed} (rliable).", ""]
-    agg, poi, written = {}, {}, []
-    if matrices:
-        agg = aggregate.aggregate(matrices, reps=reps, seed=seed)
-        lines += ["## Aggregates", "", "| arm | runs per task | " + " | ".join(aggregate.METRICS) + " | mean SPS |",
-                  "|---" * (len(aggregate.METRICS) + 3) + "|"]
-        for arm, x in matrices.items():
-            sps = [r.get("sps") for r in used.get(arm, []) if r.get("sps")]
-            lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in aggregate.METRICS)
-                         + (f" | {np.mean(sps):.0f} |" if sps else " | — |"))
-        if published_notes:
-            lines += [""] + published_notes
-        lines += ["", "## Per task (mean over runs)", "", "| arm | " + " | ".join(tasks) + " |",
-                  "|---" * (len(tasks) + 1) + "|"]
-        for arm, x in matrices.items():
-            lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in x.mean(axis=0)) + " |")
-        pairs = {}
-        for pair in compare:
-            a, b = pair.split(",")
-            if a in matrices and b in matrices:
-                pairs[pair] = (matrices[a], matrices[b])
-            else:
-                lines += ["", f"Comparison {pair} skipped: an arm has no usable runs."]
-        if pairs:
-            poi = aggregate.probability_of_improvement(pairs, reps=reps, seed=seed)
-            lines += ["", "## Probability of improvement", "", "| X, Y | P(X > Y) [95% CI] |", "|---|---|"]
-            lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
-        if make_figures:
-            curves, steps = curve_matrices(used, tasks, normalise, points)
-            written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label)
-            lines += ["", "## Figures", ""] + [f"- `{os.path.basename(p)}`" for p in written if p.endswith(".png")]
-    lines += ["", "## Excluded runs", ""]
+             f"Runs found: {len(rows)}; used: {n_used}; excluded: {len(excluded)}. "
+             + (f"Arms were run on {len(groups)} different task sets: each set is reported on its own. "
+                if len(groups) > 1 else "")
+             + f"Intervals: 95% stratified bootstrap, {reps} repetitions, seed {seed} (rliable).", ""]
+    lines += body
+    lines += ["## Excluded runs", ""]
     lines += [f"- `{r['run']}`: {why}" for r, why in excluded] or ["None."]
     lines += ["", f"Report built in {time.time() - t0:.1f} s."]
     path = os.path.join(out, "report.md")

@@ -135,3 +135,37 @@ def test_published_arms_need_the_atari100k_protocol(tmp_path, kind):
     text = open(report.report(suite_dir, reps=100, make_figures=False, published=["BBF"])).read()
     assert "published:BBF |" not in text and "Published arms left out" in text
     assert ("Tennis-v5 not among" in text) if kind == "not_atari100k" else ("Atari 100k protocol" in text)
+
+
+def test_arms_on_different_tasks_are_reported_per_group(tmp_path):
+    """A suite mixing families (SAC on one task set, PPO on another) gets one section per task set, each with its
+    own aggregates and figures; a comparison across sets is skipped with a note. An arm whose runs all failed on
+    one of its tasks stays in its group (and is excluded there with the reason) instead of forming a new group."""
+    runs = tmp_path / "mixed" / "runs"
+    truth = {}
+    for arm, tasks in (("sac", ("Pendulum-v1",)), ("sac_sem", ("Pendulum-v1",)),
+                       ("ppo", TASKS), ("ppo_sem", TASKS), ("ppo_broken", TASKS)):
+        for t in tasks:
+            for seed in range(1, 4):
+                value = float(-100 * seed if t == "Pendulum-v1" else 50 * seed + len(arm))
+                broken = arm == "ppo_broken" and t == "Acrobot-v1"
+                write_run(str(runs), arm, t, seed, value, status="diverged" if broken else "completed")
+                truth[(arm, t, seed)] = value
+    path = report.report(str(tmp_path / "mixed"), str(tmp_path / "out"), compare=["ppo_sem,ppo", "sac_sem,ppo"],
+                         reps=200, points=4)
+    text = open(path).read()
+    assert "## Group 1: ppo, ppo_broken, ppo_sem" in text and "## Group 2: sac, sac_sem" in text
+    assert "Comparison sac_sem,ppo skipped: the two arms were run on different tasks." in text
+    assert "| ppo_sem,ppo |" in text
+    # group 2 is Pendulum only (no normalisation reference): raw returns, IQM over 3 runs x 1 task
+    x = np.array([truth[("sac_sem", "Pendulum-v1", s)] for s in range(1, 4)])
+    row = next(line for line in text.splitlines() if line.startswith("| sac_sem | 3 |"))
+    assert f"{stats.trim_mean(x, 0.25):.3f} [" in row
+    # group 1 is normalised over CartPole and Acrobot; ppo_broken is dropped, not regrouped
+    x = np.array([[scores.normalize(t, truth[("ppo", t, s)]) for t in sorted(TASKS)] for s in range(1, 4)])
+    row = next(line for line in text.splitlines() if line.startswith("| ppo | 3 |"))
+    assert f"{stats.trim_mean(x, 0.25, axis=None):.3f} [" in row
+    assert not any(line.startswith("| ppo_broken |") for line in text.splitlines())
+    assert "`ppo_broken__CartPole-v1__s1`: arm has no usable run on Acrobot-v1" in text
+    for prefix in ("g1_", "g2_"):
+        assert os.path.getsize(tmp_path / "out" / f"{prefix}aggregates.png") > 1000
