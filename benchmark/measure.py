@@ -135,6 +135,110 @@ def sps(args):
         sys.exit(1)
 
 
+# The settings of CleanRL's scripts that the speed targets compare against (issue 3): what one env step costs in
+# network arithmetic depends only on these and on the networks, which ours share with CleanRL's.
+ROOFLINE_CASES = {
+    # PPO on Atari (ppo_atari_envpool.py): 8 envs x 128 steps per rollout, 4 epochs x 4 minibatches of 256.
+    "ppo-atari": dict(script="ppo", obs_shape=(4, 84, 84), actions=4, envs=8, steps=128, epochs=4, minibatches=4),
+    # PPO on CartPole (ppo.py): 4 envs x 128 steps, 4 epochs x 4 minibatches of 128.
+    "ppo-cartpole": dict(script="ppo", obs_shape=(4,), actions=2, envs=4, steps=128, epochs=4, minibatches=4),
+    # SAC on HalfCheetah (sac_continuous_action.py): batch 256, one critic update per env step, policy_frequency 2
+    # (two actor and alpha updates every second step: one per step on average). The baseline SPS quoted in issue 3
+    # is over 12k steps of which the first 5k are random and update nothing: `updating` is that share of steps.
+    "sac-halfcheetah": dict(script="sac", obs_dim=17, action_dim=6, batch=256, updating=7000 / 12000),
+}
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def flops_per_env_step(case: dict) -> int:
+    """Matmul and convolution FLOPs (torch's FlopCounterMode: forward and backward) of the training computation per
+    environment step, on our scripts' own networks (the same layers as CleanRL's)."""
+    import numpy as np
+    import torch
+
+    from utils.scripts import load_script
+
+    module = load_script(case["script"])
+    if case["script"] == "ppo":
+        agent = module.Agent(case["obs_shape"], case["actions"], continuous=False)
+        batch = case["envs"] * case["steps"]
+        mb = batch // case["minibatches"]
+        obs = lambda n: torch.rand(n, *case["obs_shape"])  # noqa: E731
+
+        def act():
+            with torch.no_grad():
+                agent.get_action_and_value(obs(case["envs"]))
+
+        def update():
+            _, logprob, entropy, value = agent.get_action_and_value(obs(mb), torch.zeros(mb, dtype=torch.long))
+            (logprob.sum() + entropy.sum() + value.sum()).backward()
+
+        rollout = count_flops(act) * case["steps"]
+        updates = count_flops(update) * case["epochs"] * case["minibatches"]
+        return (rollout + updates) // batch
+    low, high = -np.ones(case["action_dim"]), np.ones(case["action_dim"])
+    actor = module.Actor(case["obs_dim"], low, high)
+    qf1, qf2 = (module.SoftQNetwork(case["obs_dim"], case["action_dim"]) for _ in range(2))
+    qt1, qt2 = (module.SoftQNetwork(case["obs_dim"], case["action_dim"]) for _ in range(2))
+    n = case["batch"]
+    obs, act_ = torch.rand(n, case["obs_dim"]), torch.rand(n, case["action_dim"])
+
+    def critic():  # target from the actor and both target critics, then both critics forward and backward
+        with torch.no_grad():
+            next_a, next_logp, _ = actor.get_action(obs)
+            torch.min(qt1(obs, next_a), qt2(obs, next_a))
+        (qf1(obs, act_).sum() + qf2(obs, act_).sum()).backward()
+
+    def actor_and_alpha():  # actor through both critics (CleanRL computes the critics' weight gradients too), then
+        a, logp, _ = actor.get_action(obs)  # the alpha loss's fresh actor forward
+        (torch.min(qf1(obs, a), qf2(obs, a)).sum() - logp.sum()).backward()
+        with torch.no_grad():
+            actor.get_action(obs)
+
+    return count_flops(critic) + count_flops(actor_and_alpha)
+
+
+def gemm_gflops(threads: int, size: int = 1024, seconds: float = 3.0) -> float:
+    """Sustained fp32 GEMM throughput of this machine in PyTorch (the practical ceiling for dense layers)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def roofline(args):
+    """FLOPs per env step of each case, this machine's fp32 GEMM ceiling, and what a speed target asks of it."""
+    peak = gemm_gflops(args.threads)
+    print(json.dumps({"gemm_fp32_gflops": round(peak, 1), "threads": args.threads, "loadavg": loadavg()}))
+    for name in args.cases:
+        flops = flops_per_env_step(ROOFLINE_CASES[name])
+        row = {"case": name, "flops_per_env_step": flops,
+               "sps_ceiling_at_gemm_peak": round(peak * 1e9 / flops, 1)}
+        baseline = dict(kv.split("=") for kv in args.baseline_sps).get(name)
+        if baseline:  # averaged over the baseline's steps; ignoring the time of steps without updates makes the
+            average = flops * ROOFLINE_CASES[name].get("updating", 1.0)  # GFLOP/s below lower bounds
+            target = float(baseline) * args.speedup
+            row.update(baseline_sps=float(baseline), target_sps=target,
+                       baseline_gflops=round(float(baseline) * average / 1e9, 1),
+                       target_gflops=round(target * average / 1e9, 1),
+                       target_fraction_of_gemm_peak=round(target * average / 1e9 / peak, 2))
+        print(json.dumps(row), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -153,6 +257,13 @@ def main():
     p.add_argument("--output-dir")
     p.add_argument("extra", nargs="*", help="extra flags of our script, after --")
     p.set_defaults(func=sps)
+    r = sub.add_parser("roofline", help="FLOPs per env step against this machine's fp32 GEMM throughput")
+    r.add_argument("--cases", nargs="*", default=list(ROOFLINE_CASES), choices=list(ROOFLINE_CASES))
+    r.add_argument("--threads", type=int, default=2, help="torch threads for the GEMM measurement")
+    r.add_argument("--baseline-sps", nargs="*", default=[], metavar="CASE=SPS",
+                   help="a baseline's SPS per case (e.g. CleanRL's), to see what --speedup of it would require")
+    r.add_argument("--speedup", type=float, default=2.0)
+    r.set_defaults(func=roofline)
     args = parser.parse_args()
     args.func(args)
 

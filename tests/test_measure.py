@@ -57,3 +57,39 @@ def test_interleaved_runs_and_json_lines(tmp_path):
 def test_unknown_script_is_rejected(tmp_path):
     proc = run_measure(tmp_path, "--script", "nope.py", "--env-id", "CartPole-v1", "--total-timesteps", 256)
     assert proc.returncode != 0 and "--script must be one of" in proc.stderr and proc.stdout == ""
+
+
+def test_roofline_flop_counts_match_the_layer_arithmetic():
+    """FLOPs per env step of PPO on CartPole at CleanRL's settings, by hand: actor 4-64-64-2 and critic 4-64-64-1.
+    Forward: 2 x (multiply-adds of every layer). Backward: a weight gradient for every layer (as many FLOPs as the
+    forward) and an input gradient for every layer but the first (the observations need none). One forward per env
+    step while acting, and 4 epochs of forward + backward per sample."""
+    sys.path.insert(0, REPO_ROOT)
+    from benchmark.measure import ROOFLINE_CASES, flops_per_env_step
+
+    forward = 2 * (4 * 64 + 64 * 64 + 64 * 2 + 4 * 64 + 64 * 64 + 64 * 1)
+    input_grads = 2 * (64 * 64 + 64 * 2 + 64 * 64 + 64 * 1)
+    assert flops_per_env_step(ROOFLINE_CASES["ppo-cartpole"]) == forward + 4 * (2 * forward + input_grads)
+    # SAC at batch 256: critic update (actor + 2 target critics forward; 2 critics forward + backward without the
+    # input gradient) plus actor update (actor forward, 2 critics forward and backward incl. the action gradient
+    # and, as in CleanRL, their weight gradients; actor backward) plus the alpha loss's actor forward
+    q = 2 * (23 * 256 + 256 * 256 + 256 * 1)
+    q_in = 2 * (256 * 256 + 256 * 1) + 2 * 256 * 23  # input gradients down to the (obs, action) input
+    pi = 2 * (17 * 256 + 256 * 256 + 256 * 6 * 2)
+    pi_in = 2 * (256 * 256 + 256 * 6 * 2)
+    critic = pi + 2 * q + 2 * (q + q + (q_in - 2 * 256 * 23))
+    actor = pi + 2 * (q + q + q_in) + (pi + pi_in) + pi
+    assert flops_per_env_step(ROOFLINE_CASES["sac-halfcheetah"]) == 256 * (critic + actor)
+
+
+def test_roofline_prints_what_a_target_asks():
+    proc = subprocess.run([sys.executable, "-m", "benchmark.measure", "roofline", "--threads", "1", "--cases",
+                           "ppo-cartpole", "--baseline-sps", "ppo-cartpole=100000", "--speedup", "3"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    peak, row = (json.loads(line) for line in proc.stdout.splitlines())
+    assert peak["gemm_fp32_gflops"] > 0 and peak["threads"] == 1
+    assert row["case"] == "ppo-cartpole" and row["target_sps"] == 300000
+    assert row["target_gflops"] == round(300000 * row["flops_per_env_step"] / 1e9, 1)
+    ratio = row["target_gflops"] / peak["gemm_fp32_gflops"]  # both rounded: compare to within their rounding
+    assert abs(row["target_fraction_of_gemm_peak"] - ratio) <= 0.01 + 0.002 * ratio
