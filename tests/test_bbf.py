@@ -272,14 +272,20 @@ def test_end_to_end_tiny_run(tmp_path):
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize("flags,fragments", [
-    (["--env-id", "CartPole-v1"], ["Atari", "CartPole-v1"]),
-    (["--env-id", "Pongg-v5"], ["unknown env id", "Pong-v5"]),
-    (["--env-id", "Pong-v5", "--n-step", "12"], ["--n-step"]),
+def test_bad_input_is_one_line_error(tmp_path):
+    proc = run_bbf(tmp_path, "bad", "--env-id", "CartPole-v1", timeout=120)
+    assert_one_line_error(proc, "Atari", "CartPole-v1")
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    (dict(env_id="Pongg-v5"), "did you mean: Pong-v5"),
+    (dict(env_id="Pong-v5", n_step=12), "--n-step"),
+    (dict(env_id="Pong-v5", min_gamma=0.999), "--min-gamma"),
+    (dict(env_id="Pong-v5", buffer_size=10), "--buffer-size"),
 ])
-def test_bad_input_is_one_line_error(tmp_path, flags, fragments):
-    proc = run_bbf(tmp_path, "bad", *flags, timeout=120)
-    assert_one_line_error(proc, *fragments)
+def test_bad_flags_are_user_errors(bbf, changes, fragment):
+    with pytest.raises(bbf.UserError, match=fragment.replace("(", r"\(")):
+        bbf.resolve_args(bbf.Args(**changes))
 
 
 def test_non_finite_loss_is_diverged(tmp_path):
