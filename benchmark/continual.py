@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import aggregate  # noqa: E402
-from utils.runs import collect, read_csv, read_json  # noqa: E402
+from utils.runs import collect, read_csv, read_flags, read_json  # noqa: E402
 
 END_SHARE = 0.25  # the last quarter of a visit gives its score, the first quarter its start score
 WINDOW = 20  # episodes in the moving average of the recovery measure
@@ -44,8 +44,8 @@ RECOVERED = 0.9  # share of the reference score that counts as recovered
 def visit_measures(run_dir: str) -> dict:
     """Per-visit measures of one run (see the module docstring). Raises ValueError with the reason when the run
     has no task sequence or a visit has no episode at its end."""
-    config = read_json(os.path.join(run_dir, "config.json"))
-    tasks, steps = list(config.get("env_ids") or []), config.get("steps_per_task")
+    flags = read_flags(run_dir)
+    tasks, steps = list(flags.get("env_ids") or []), flags.get("steps_per_task")
     if len(tasks) < 2 or not steps:
         raise ValueError("config.json has no task sequence (env_ids with 2+ tasks and steps_per_task)")
     _, rows = read_csv(os.path.join(run_dir, "episodes.csv"))
@@ -116,9 +116,11 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
             excluded.append((r, r["excluded"]))
             continue
         try:
-            by_arm[r["arm"]].append(visit_measures(r["dir"]))
+            measures = visit_measures(r["dir"])
         except (OSError, ValueError, KeyError) as e:
             excluded.append((r, f"no per-visit measures: {e}"))
+            continue
+        by_arm[r["arm"]].append(measures)
     lines = [f"# Continual report: `{os.path.basename(os.path.normpath(suite_dir))}`", "",
              f"Runs found: {len(rows)}; used: {sum(len(v) for v in by_arm.values())}; excluded: {len(excluded)}. "
              f"Visit score: mean training return of the episodes ending in the last {END_SHARE:.0%} of a visit; "

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import aggregate, scores  # noqa: E402
-from utils.runs import collect, episode_curve, read_json, read_scalars  # noqa: E402
+from utils.runs import collect, episode_curve, read_flags, read_json, read_scalars  # noqa: E402
 
 PLASTICITY_KEYS = ("plasticity/dormant_tau0.1", "plasticity/grad_inactive_tau0.1", "plasticity/srank",
                    "plasticity/feature_norm")
@@ -79,9 +79,9 @@ def published_matrices(agents: list[str], tasks: list[str], used: dict) -> tuple
     for rows in used.values():
         for r in rows:
             try:
-                config = read_json(os.path.join(r["dir"], "config.json"))
+                config = read_flags(r["dir"])
             except (OSError, ValueError):
-                mismatched.append(f"{r['run']} (no readable config.json)")
+                mismatched.append(f"{r['run']} (no readable config.json with its flags)")
                 continue
             sticky = config.get("sticky_action_prob", config.get("repeat_action_probability"))
             if config.get("total_timesteps") != 100_000 or sticky not in (0, 0.0):

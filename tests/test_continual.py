@@ -22,7 +22,8 @@ def write_run(runs, arm, seed, episodes, tasks=TASKS, gtr_tasks=None):
     run_dir = os.path.join(runs, f"{arm}__seq__s{seed}")
     os.makedirs(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump({"env_ids": tasks, "steps_per_task": S if len(tasks) > 1 else None}, f)
+        json.dump({"args": {"env_id": tasks[0], "env_ids": tasks, "steps_per_task": S if len(tasks) > 1 else None},
+                   "tasks": tasks, "family": "test"}, f)  # the layout the scripts write (flags under "args")
     summary = {"status": "completed", "eval_return_mean": 1.0, "final_train_return": 1.0, "total_timesteps": 3 * S}
     if gtr_tasks:
         summary["gtr_tasks"] = gtr_tasks

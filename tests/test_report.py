@@ -102,7 +102,8 @@ def atari100k_suite(tmp_path, sticky=0.0, total=100_000, games=("Alien", "Pong",
         for seed in range(1, 6):
             run_dir = write_run(str(runs), "mine", f"{game}-v5", seed, 100.0 * seed, total=total)
             with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump({"total_timesteps": total, "sticky_action_prob": sticky}, f)
+                json.dump({"args": {"env_id": f"{game}-v5", "total_timesteps": total, "sticky_action_prob": sticky},
+                           "family": "atari"}, f)  # the layout the scripts write (flags under "args")
     return str(tmp_path / "atari")
 
 

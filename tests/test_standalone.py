@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from helpers import ALGOS_DIR, REPO_ROOT, algo_scripts, describe, read_json, run_script
+from utils.runs import read_flags
 from script_budgets import TINY_ARGS
 
 SCRIPTS = algo_scripts()
@@ -82,6 +83,10 @@ def test_script_runs_alone(name, tmp_path):
     summaries = glob.glob(str(work / "runs" / "*" / "summary.json"))
     assert len(summaries) == 1, f"expected one run directory with a summary.json, found {summaries}"
     assert read_json(summaries[0])["status"] == "completed"
+    # the harness reads a run's flags from config.json's `args` (benchmark/report.py, benchmark/continual.py)
+    flags = read_flags(os.path.dirname(summaries[0]))
+    assert flags["env_id"] == TINY_ARGS[name][TINY_ARGS[name].index("--env-id") + 1]
+    assert isinstance(flags["total_timesteps"], int) and flags["total_timesteps"] > 0
 
 
 def imported_modules(path: str) -> list[tuple[int, str]]:

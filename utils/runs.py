@@ -20,6 +20,15 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
+def read_flags(run_dir: str) -> dict:
+    """The resolved flags of a run: `args` of its config.json (docs/conventions.md, section 5), which also holds
+    `tasks`, `family`, `command` and versions at the top level."""
+    config = read_json(os.path.join(run_dir, "config.json"))
+    if not isinstance(config.get("args"), dict):
+        raise ValueError("config.json has no `args` object")
+    return config["args"]
+
+
 def read_csv(path: str) -> tuple[list[str], list[dict]]:
     """(header, rows as dicts of strings) of a CSV file such as episodes.csv."""
     with open(path, newline="") as f:
