@@ -24,7 +24,6 @@ excluded with the reason; nothing is averaged in silently.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from collections import defaultdict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmark.report import check_suite_dir, fmt, suite_parser, write_markdown  # noqa: E402
 from utils import aggregate  # noqa: E402
 from utils.runs import collect, read_csv, read_flags, read_json  # noqa: E402
 
@@ -98,10 +98,6 @@ def mean_curve(curves: list, total: int, points: int) -> np.ndarray:
             values.append(last)
         per_run.append(values)
     return np.nanmean(np.array(per_run, dtype=float), axis=0)
-
-
-def fmt(v) -> str:
-    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
 
 def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
@@ -196,26 +192,14 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
             plt.close(fig)
             lines += ["", f"Figure: `{name}.png`"]
         lines.append("")
-    lines += ["## Excluded runs", ""]
-    lines += [f"- `{r['run']}`: {why}" for r, why in excluded] or ["None."]
-    lines += ["", f"Report built in {time.time() - t0:.1f} s."]
-    path = os.path.join(out, "continual.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    return write_markdown(os.path.join(out, "continual.md"), lines, excluded, t0)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite_dir", help="a suite directory written by benchmark/launch.py (holds runs/)")
-    parser.add_argument("--out", help="where continual.md and the figure go (default: the suite directory)")
-    parser.add_argument("--compare", nargs="*", default=[], help="pairs X,Y for probability of improvement")
-    parser.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser = suite_parser(__doc__, "continual.md and the figure")
     parser.add_argument("--points", type=int, default=40, help="windows of the return curves")
     args = parser.parse_args()
-    if not os.path.isdir(os.path.join(args.suite_dir, "runs")):
-        raise SystemExit(f"error: {args.suite_dir} has no runs/ folder (is it a suite directory?)")
+    check_suite_dir(args.suite_dir)
     print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points))
 
 

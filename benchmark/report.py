@@ -324,29 +324,42 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
              + (f"Arms were run on {len(groups)} different task sets: each set is reported on its own. "
                 if len(groups) > 1 else "")
              + f"Intervals: 95% stratified bootstrap, {reps} repetitions, seed {seed} (rliable).", ""]
-    lines += body
-    lines += ["## Excluded runs", ""]
+    return write_markdown(os.path.join(out, "report.md"), lines + body, excluded, t0)
+
+
+def write_markdown(path: str, lines: list[str], excluded: list, t0: float) -> str:
+    """Write a report's lines, then every excluded run with its reason and the build time; returns the path."""
+    lines = lines + ["## Excluded runs", ""]
     lines += [f"- `{r['run']}`: {why}" for r, why in excluded] or ["None."]
     lines += ["", f"Report built in {time.time() - t0:.1f} s."]
-    path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def suite_parser(doc: str, written: str) -> argparse.ArgumentParser:
+    """The arguments every report command takes: the suite directory, --out, --compare, --reps, --seed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite_dir", help="a suite directory written by benchmark/launch.py (holds runs/)")
-    parser.add_argument("--out", help="where report.md and the figures go (default: the suite directory)")
+    parser.add_argument("--out", help=f"where {written} go (default: the suite directory)")
     parser.add_argument("--compare", nargs="*", default=[], help="pairs X,Y for probability of improvement")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (results are reproducible)")
+    return parser
+
+
+def check_suite_dir(suite_dir: str):
+    if not os.path.isdir(os.path.join(suite_dir, "runs")):
+        raise SystemExit(f"error: {suite_dir} has no runs/ folder (is it a suite directory?)")
+
+
+def main():
+    parser = suite_parser(__doc__, "report.md and the figures")
     parser.add_argument("--points", type=int, default=10, help="points of the sample-efficiency curves")
     parser.add_argument("--published", nargs="*", default=[], choices=PUBLISHED_AGENTS,
                         help="published Atari 100k runs to add as arms published:<AGENT> (when the protocol matches)")
     args = parser.parse_args()
-    if not os.path.isdir(os.path.join(args.suite_dir, "runs")):
-        raise SystemExit(f"error: {args.suite_dir} has no runs/ folder (is it a suite directory?)")
+    check_suite_dir(args.suite_dir)
     print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points,
                  published=args.published))
 
