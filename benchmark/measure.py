@@ -6,10 +6,17 @@
 Runs `algos/<script> --env-id E --total-timesteps N --eval-episodes 0 [extra flags]` `--repeats` times and, with
 `--cleanrl-script`, CleanRL's script with the same `--env-id` and `--total-timesteps` (plus `--cleanrl-args "..."`)
 after each of ours: ours, CleanRL, ours, CleanRL, ..., so that a change in the machine's load over the
-measurement hits both sides alike. Each run is a fresh process; nothing else is changed. Prints one JSON line
-per run, then one summary line (medians and their ratio):
+measurement hits both sides alike. With `--against S` the baseline is instead another of our scripts (or a copy
+of one: an older version), with `--against-args "..."` as its extra flags, interleaved the same way: the cost of an
+intervention against its base script, or the gain of a change:
 
-  side                  "ours" or "cleanrl"
+    python -m benchmark.measure sps --script sac_simplicial.py --against sac.py --env-id HalfCheetah-v4 \
+        --total-timesteps 12000 --repeats 2
+
+Each run is a fresh process; nothing else is changed. Prints one JSON line per run, then one summary line (medians
+and their ratio, ours / baseline):
+
+  side                  "ours", "cleanrl" or "against"
   wall_s                wall time of the whole process (imports and env creation included)
   sps                   the script's own steps per second, measured after setup: ours from summary.json (steps /
                         training time), CleanRL's from its last printed `SPS:` line
@@ -67,18 +74,20 @@ def our_script(script: str) -> str:
     return script_path(script) if script in algo_scripts() else os.path.abspath(script)
 
 
-def measure_ours(args, out: str, repeat: int, env: dict) -> dict:
-    name = f"{os.path.splitext(os.path.basename(args.script))[0]}_{args.env_id}_r{repeat}_{int(time.time())}"
-    cmd = [args.python, our_script(args.script), "--env-id", args.env_id, "--total-timesteps",
-           str(args.total_timesteps), "--eval-episodes", "0", "--output-dir", out, "--run-name", name, *args.extra]
+def measure_ours(args, out: str, repeat: int, env: dict, side: str = "ours") -> dict:
+    """One run of our script (side "ours") or of the --against script (side "against")."""
+    script, extra = (args.script, args.extra) if side == "ours" else (args.against, shlex.split(args.against_args))
+    name = f"{side}_{os.path.splitext(os.path.basename(script))[0]}_{args.env_id}_r{repeat}_{int(time.time())}"
+    cmd = [args.python, our_script(script), "--env-id", args.env_id, "--total-timesteps",
+           str(args.total_timesteps), "--eval-episodes", "0", "--output-dir", out, "--run-name", name, *extra]
     wall, status, before, after = timed_run(cmd, ROOT, env, os.path.join(out, name + ".log"))
     summary_path = os.path.join(out, name, "summary.json")
     summary = {}
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-    script = os.path.relpath(cmd[1], ROOT) if args.script in algo_scripts() else cmd[1]
-    return {"side": "ours", "script": script, "repeat": repeat, "exit_status": status,
+    script = os.path.relpath(cmd[1], ROOT) if script in algo_scripts() else cmd[1]
+    return {"side": side, "script": script, "repeat": repeat, "exit_status": status,
             "wall_s": round(wall, 2), "sps": summary.get("sps"), "global_step": summary.get("global_step"),
             "run_wall_s": round(summary["wall_time_s"], 2) if "wall_time_s" in summary else None,
             "loadavg_before": before, "loadavg_after": after, "command": cmd}
@@ -108,28 +117,33 @@ def sps(args):
         sys.exit(f"error: --script must be one of {', '.join(algo_scripts())} or a file; got {args.script!r}")
     if args.cleanrl_script and not os.path.isfile(args.cleanrl_script):
         sys.exit(f"error: --cleanrl-script {args.cleanrl_script} does not exist")
+    if args.against and args.against not in algo_scripts() and not os.path.isfile(args.against):
+        sys.exit(f"error: --against must be one of {', '.join(algo_scripts())} or a file; got {args.against!r}")
+    if args.against and args.cleanrl_script:
+        sys.exit("error: give one baseline: --cleanrl-script or --against, not both")
     out = os.path.abspath(args.output_dir or tempfile.mkdtemp(prefix="measure_"))
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ)
     if args.threads:
         env.update({var: str(args.threads) for var in THREAD_VARS})
     rows = []
-    for repeat in range(args.repeats):  # interleaved: ours, CleanRL, ours, CleanRL, ...
-        sides = [measure_ours] + ([measure_cleanrl] if args.cleanrl_script else [])
-        for measure in sides:
-            row = measure(args, out, repeat, env)
+    baseline = "cleanrl" if args.cleanrl_script else ("against" if args.against else None)
+    for repeat in range(args.repeats):  # interleaved: ours, baseline, ours, baseline, ...
+        for side in ["ours"] + ([baseline] if baseline else []):
+            row = measure_cleanrl(args, out, repeat, env) if side == "cleanrl" else measure_ours(
+                args, out, repeat, env, side)
             row.update(env_id=args.env_id, total_timesteps=args.total_timesteps, threads=args.threads or None)
             rows.append(row)
             print(json.dumps(row), flush=True)
     summary = {"summary": True, "env_id": args.env_id, "total_timesteps": args.total_timesteps,
                "threads": args.threads or None, "output_dir": out}
-    for side in ("ours", "cleanrl"):
+    for side in ("ours", baseline or "cleanrl"):
         summary[f"{side}_runs_ok"] = sum(r["side"] == side and r["exit_status"] == 0 for r in rows)
         summary[f"{side}_median_sps"] = median_of(rows, side, "sps")
         summary[f"{side}_median_wall_s"] = median_of(rows, side, "wall_s")
-    if summary["ours_median_sps"] and summary["cleanrl_median_sps"]:
-        summary["sps_ratio"] = round(summary["ours_median_sps"] / summary["cleanrl_median_sps"], 2)
-        summary["wall_ratio"] = round(summary["cleanrl_median_wall_s"] / summary["ours_median_wall_s"], 2)
+    if baseline and summary["ours_median_sps"] and summary[f"{baseline}_median_sps"]:
+        summary["sps_ratio"] = round(summary["ours_median_sps"] / summary[f"{baseline}_median_sps"], 2)
+        summary["wall_ratio"] = round(summary[f"{baseline}_median_wall_s"] / summary["ours_median_wall_s"], 2)
     print(json.dumps(summary), flush=True)
     if any(r["exit_status"] != 0 for r in rows):
         sys.exit(1)
@@ -254,6 +268,9 @@ def main():
     p.add_argument("--cleanrl-script", help="path of CleanRL's matching script (run from a scratch directory)")
     p.add_argument("--cleanrl-python", default=sys.executable, help="the python of CleanRL's environment")
     p.add_argument("--cleanrl-args", default="", help="extra flags for CleanRL's script, one quoted string")
+    p.add_argument("--against", help="baseline: another file of algos/ (or a copy of one), run interleaved with "
+                   "ours, e.g. the base script of an intervention (its cost) or an older version (a change's gain)")
+    p.add_argument("--against-args", default="", help="extra flags for the --against script, one quoted string")
     p.add_argument("--output-dir")
     p.add_argument("extra", nargs="*", help="extra flags of our script, after --")
     p.set_defaults(func=sps)

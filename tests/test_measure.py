@@ -54,6 +54,36 @@ def test_interleaved_runs_and_json_lines(tmp_path):
     assert os.path.isdir(out / "cleanrl")  # CleanRL's working directory (its runs/ go there)
 
 
+def test_against_another_of_our_scripts(tmp_path):
+    """--against: the baseline side is another of our scripts with its own extra flags, interleaved with ours."""
+    out = tmp_path / "out"
+    proc = run_measure(tmp_path, "--script", "ppo_simplicial.py", "--against", "ppo.py", "--against-args",
+                       "--num-envs 2 --num-steps 64 --metrics-every 0", "--env-id", "CartPole-v1",
+                       "--total-timesteps", 256, "--repeats", 1, "--threads", 1, "--output-dir", out, "--",
+                       "--num-envs", 2, "--num-steps", 64, "--metrics-every", 0, "--sem-placement", "actor")
+    assert proc.returncode == 0, describe(proc)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    runs, summary = lines[:-1], lines[-1]
+    assert [(r["side"], r["script"]) for r in runs] == [("ours", "algos/ppo_simplicial.py"), ("against", "algos/ppo.py")]
+    assert runs[0]["command"][-2:] == ["--sem-placement", "actor"] and "--sem-placement" not in runs[1]["command"]
+    assert runs[1]["command"][-6:] == ["--num-envs", "2", "--num-steps", "64", "--metrics-every", "0"]
+    for r in runs:
+        assert r["exit_status"] == 0 and r["global_step"] == 256 and r["sps"] > 0
+        run_dir = r["command"][r["command"].index("--run-name") + 1]
+        assert os.path.isfile(out / run_dir / "summary.json")
+    assert runs[0]["command"][runs[0]["command"].index("--run-name") + 1] != run_dir
+    assert summary["ours_runs_ok"] == 1 and summary["against_runs_ok"] == 1 and "cleanrl_runs_ok" not in summary
+    assert summary["sps_ratio"] == round(summary["ours_median_sps"] / summary["against_median_sps"], 2)
+
+
+def test_two_baselines_are_rejected(tmp_path):
+    fake = tmp_path / "fake_cleanrl.py"
+    fake.write_text(FAKE_CLEANRL)
+    proc = run_measure(tmp_path, "--script", "ppo.py", "--against", "ppo.py", "--cleanrl-script", fake,
+                       "--env-id", "CartPole-v1", "--total-timesteps", 256)
+    assert proc.returncode != 0 and "not both" in proc.stderr and proc.stdout == ""
+
+
 def test_unknown_script_is_rejected(tmp_path):
     proc = run_measure(tmp_path, "--script", "nope.py", "--env-id", "CartPole-v1", "--total-timesteps", 256)
     assert proc.returncode != 0 and "--script must be one of" in proc.stderr and proc.stdout == ""
