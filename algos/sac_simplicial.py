@@ -414,7 +414,10 @@ def squashed_gaussian(mean, log_std, noise, action_scale, action_bias):
     std = log_std.exp()
     u = mean + std * noise
     y = torch.tanh(u)
-    log_prob = torch.distributions.Normal(mean, std).log_prob(u) - torch.log(action_scale * (1 - y.pow(2)) + 1e-6)
+    # log N(u; mean, std) by the operations of torch.distributions.Normal.log_prob, without building a Normal
+    # (whose argument checks cost more than the arithmetic at these sizes; detail 5)
+    normal_log_prob = -((u - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    log_prob = normal_log_prob - torch.log(action_scale * (1 - y.pow(2)) + 1e-6)
     return y * action_scale + action_bias, log_prob.sum(dim=1)
 
 
@@ -740,6 +743,9 @@ def run(args: Args) -> dict:
                     num_updates += 1
 
                     if num_updates % args.policy_frequency == 0:  # delayed actor, repeated to compensate (detail 6)
+                        critic_params = list(qf1.parameters()) + list(qf2.parameters())
+                        for p in critic_params:  # the actor loss needs no critic weight gradients (detail 6)
+                            p.requires_grad_(False)
                         for _ in range(args.policy_frequency):
                             pi, log_pi, _ = actor.get_action(b_obs)
                             actor_loss = (alpha * log_pi - torch.min(qf1(b_obs, pi), qf2(b_obs, pi))).mean()
@@ -757,6 +763,8 @@ def run(args: Args) -> dict:
                                 alpha_loss.backward()
                                 a_optimizer.step()
                                 alpha = log_alpha.exp().item()
+                        for p in critic_params:
+                            p.requires_grad_(True)
                     if num_updates % args.target_network_frequency == 0:
                         soft_update(qf1_target, qf1, args.tau)
                         soft_update(qf2_target, qf2, args.tau)

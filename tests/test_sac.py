@@ -352,3 +352,39 @@ def test_nan_loss_in_process_raises_diverged(sac, monkeypatch, tmp_path):
     summary = read_json(os.path.join(str(tmp_path), "nan", "summary.json"))
     assert summary["status"] == "diverged" and "nan" in summary["error"]
     assert summary["num_updates"] == 0 and summary["global_step"] == 101
+
+
+def test_critics_frozen_only_during_the_actor_update(sac, monkeypatch, tmp_path):
+    """run() itself: the critics' parameters stop requiring gradients while the actor loss is built and
+    back-propagated (their weight gradients are never used there; docs/sac.md, detail 6), and require them again
+    afterwards, so the critics keep learning after the first actor update."""
+    critics, states, snapshots = [], [], []
+    real_soft_update, real_get_action = sac.soft_update, sac.Actor.get_action
+
+    def soft_update(target, source, tau):
+        if len(critics) < 2:
+            critics.append(source)
+        if source is critics[0]:
+            snapshots.append([p.detach().clone() for p in source.parameters()])
+            assert all(p.requires_grad for c in critics for p in c.parameters()), "critics left frozen"
+        return real_soft_update(target, source, tau)
+
+    def get_action(self, obs, return_hidden=False):
+        if critics:  # (do the critics require gradients, are gradients enabled) at this call
+            flags = {p.requires_grad for c in critics for p in c.parameters()}
+            assert len(flags) == 1, "critics partly frozen"
+            states.append((flags.pop(), torch.is_grad_enabled()))
+        return real_get_action(self, obs, return_hidden)
+
+    monkeypatch.setattr(sac, "soft_update", soft_update)
+    monkeypatch.setattr(sac.Actor, "get_action", get_action)
+    args = sac.Args(env_id="Hopper-v4", total_timesteps=140, learning_starts=100, buffer_size=500, batch_size=16,
+                    eval_episodes=0, metrics_every=0, device="cpu", output_dir=str(tmp_path), run_name="frozen")
+    assert sac.run(args)["status"] == "completed"
+    # The actor loss's sample (the only one with gradients) always meets frozen critics; the samples without
+    # gradients (targets, alpha, acting) meet trainable critics except alpha's, which follows the actor update
+    assert {trainable for trainable, grad in states if grad} == {False}
+    assert {trainable for trainable, grad in states if not grad} == {True, False}
+    assert len(snapshots) == 40
+    for before, after in zip(snapshots[-3:], snapshots[-2:]):  # late critic updates still change every tensor
+        assert all(not torch.equal(a, b) for a, b in zip(before, after))
