@@ -151,7 +151,7 @@ def save(fig, out: str, name: str) -> list[str]:
     return paths
 
 
-def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="") -> list[str]:
+def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", metrics=aggregate.METRICS) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,13 +159,13 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="") -> 
     from rliable import plot_utils
 
     arms, written = list(matrices), []
-    fig, axes = plt.subplots(1, len(aggregate.METRICS), figsize=(4 * len(aggregate.METRICS), 0.6 * len(arms) + 1.5))
-    for ax, metric in zip(axes, aggregate.METRICS):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 0.6 * len(arms) + 1.5))
+    for ax, metric in zip(axes, metrics):
         for i, arm in enumerate(arms):
             point, low, high = agg[arm][metric]
             ax.barh(i, high - low, left=low, height=0.6, alpha=0.6)
             ax.plot([point, point], [i - 0.3, i + 0.3], color="k")
-        ax.set_yticks(range(len(arms)), arms if metric == aggregate.METRICS[0] else [""] * len(arms))
+        ax.set_yticks(range(len(arms)), arms if metric == metrics[0] else [""] * len(arms))
         ax.set_title(metric)
         ax.set_xlabel(label)
     written += save(fig, out, prefix + "aggregates")
@@ -261,12 +261,16 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
     if not matrices:
         return lines, excluded, 0
     agg = aggregate.aggregate(matrices, reps=reps, seed=seed)
-    lines += [f"{h} Aggregates", "", "| arm | runs per task | " + " | ".join(aggregate.METRICS) + " | mean SPS |",
-              "|---" * (len(aggregate.METRICS) + 3) + "|"]
+    # The optimality gap is the shortfall below a normalised score of 1; raw returns have no such target
+    metrics = aggregate.METRICS if normalise else tuple(m for m in aggregate.METRICS if m != "Optimality Gap")
+    lines += [f"{h} Aggregates", "", "| arm | runs per task | " + " | ".join(metrics) + " | mean SPS |",
+              "|---" * (len(metrics) + 3) + "|"]
     for arm, x in matrices.items():
         sps = [r.get("sps") for r in used.get(arm, []) if r.get("sps")]
-        lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in aggregate.METRICS)
+        lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in metrics)
                      + (f" | {np.mean(sps):.0f} |" if sps else " | — |"))
+    if not normalise:
+        lines += ["", "No optimality gap: it measures the shortfall below a normalised score of 1."]
     if published_notes:
         lines += [""] + published_notes
     lines += ["", f"{h} Per task (mean over runs)", "", "| arm | " + " | ".join(tasks) + " |",
@@ -286,7 +290,8 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
         lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
     if make_figures:
         curves, steps = curve_matrices(used, tasks, normalise, points)
-        written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix)
+        written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix,
+                          metrics)
         lines += ["", f"{h} Figures", ""] + [f"- `{os.path.basename(p)}`" for p in written if p.endswith(".png")]
     return lines, excluded, sum(len(v) for v in used.values())
 

@@ -162,6 +162,9 @@ def test_arms_on_different_tasks_are_reported_per_group(tmp_path):
     x = np.array([truth[("sac_sem", "Pendulum-v1", s)] for s in range(1, 4)])
     row = next(line for line in text.splitlines() if line.startswith("| sac_sem | 3 |"))
     assert f"{stats.trim_mean(x, 0.25):.3f} [" in row
+    group2 = text[text.index("## Group 2"):]
+    assert "| arm | runs per task | IQM | Median | Mean | mean SPS |" in group2  # no optimality gap on raw returns
+    assert "Optimality Gap" in text[:text.index("## Group 2")]
     # group 1 is normalised over CartPole and Acrobot; ppo_broken is dropped, not regrouped
     x = np.array([[scores.normalize(t, truth[("ppo", t, s)]) for t in sorted(TASKS)] for s in range(1, 4)])
     row = next(line for line in text.splitlines() if line.startswith("| ppo | 3 |"))
