@@ -165,7 +165,9 @@ class Args:
     sem_placement: Literal["actor", "critic", "both", "none"] = "both"
     """where SEM replaces the last hidden layer: vectors: the policy MLP (actor), the value MLP (critic), both, or
     none (exactly ppo.py's network); Atari: both (the shared trunk's fc1) or none [paper: PPO's representation
-    layer; no official PPO code; FastTD3's --sim_type has sim_actor / sim_critic / sim_both]"""
+    layer; no official PPO code; FastTD3's --sim_type has sim_actor / sim_critic / sim_both]. Caution, measured:
+    the value head is linear in features summing to L, so with unnormalised returns of ~100 (CartPole, Acrobot)
+    the value MLP with SEM could not fit them (explained variance 0; docs/ppo_simplicial.md, Results)"""
     sem_groups: int = 8
     """L, the number of simplices (softmax groups) [official FastTD3 code: seq_len 8]"""
     sem_vertices: int = 64
