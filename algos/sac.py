@@ -600,7 +600,8 @@ def run(args: Args) -> dict:
             return summary
         qf1_target.load_state_dict(qf1.state_dict())
         qf2_target.load_state_dict(qf2.state_dict())
-        q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, fused=True)
+        critic_params = list(qf1.parameters()) + list(qf2.parameters())
+        q_optimizer = torch.optim.Adam(critic_params, lr=args.q_lr, fused=True)
         actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
         # Automatic entropy tuning (detail 7): alpha = exp(log_alpha), log_alpha starts at 0, Adam with q_lr
         entropy_target = target_entropy(action_low.shape)
@@ -670,7 +671,6 @@ def run(args: Args) -> dict:
                     num_updates += 1
 
                     if num_updates % args.policy_frequency == 0:  # delayed actor, repeated to compensate (detail 6)
-                        critic_params = list(qf1.parameters()) + list(qf2.parameters())
                         for p in critic_params:  # the actor loss needs no critic weight gradients (detail 6)
                             p.requires_grad_(False)
                         for _ in range(args.policy_frequency):
