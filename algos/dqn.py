@@ -4,13 +4,16 @@ Paper: "Human-level control through deep reinforcement learning", Mnih, Kavukcuo
 https://www.nature.com/articles/nature14236. Atari defaults follow Dopamine's JAX DQN (`dopamine/jax/agents/dqn/
 configs/dqn.gin` and the Dopamine Atari protocol: sticky actions 0.25, 108k-frame cap, no life-loss terminals,
 rewards clipped in the agent), the configuration that ReDo, SoftMoE and the pruning papers build on.
-Vector-observation tasks (CartPole-v1, Acrobot-v1, ...) get an MLP and CleanRL's `dqn.py` defaults.
+Vector-observation tasks (CartPole-v1, Acrobot-v1, ...) get an MLP and CleanRL's `dqn.py` defaults. MinAtar games
+(`MinAtar/Breakout`, ...: Young & Tian 2019, https://arxiv.org/abs/1903.03176) get the MinAtar paper's small CNN and
+DQN settings, collected through a small batched wrapper over `minatar.Environment` with EnvPool's semantics.
 
 Method: a Q-network trained by regression (MSE, as Dopamine) on n-step TD targets computed with a periodically
 copied target network, from an experience replay memory filled by an epsilon-greedy policy.
 
 What this script adds to a textbook DQN (all documented in docs/dqn.md, "Implementation details"):
-  - `num_envs >= 1` EnvPool collection with the replay ratio (gradient updates per environment step) as a flag;
+  - `num_envs >= 1` EnvPool (or MinAtar) collection with the replay ratio (gradient updates per environment step)
+    as a flag;
   - a replay memory that stores each uint8 frame once and rebuilds frame stacks, never sampling EnvPool's
     next-step auto-reset pseudo-transitions; n-step returns;
   - full-game, unclipped episode returns (from `info`) even with episodic life and reward clipping on;
@@ -87,65 +90,75 @@ class Args:
 
     # --- environment ---
     env_id: str = "CartPole-v1"
-    """the EnvPool task id (Atari: Pong-v5, Breakout-v5, ...; classic control: CartPole-v1, Acrobot-v1, ...)"""
+    """the EnvPool task id (Atari: Pong-v5, Breakout-v5, ...; classic control: CartPole-v1, Acrobot-v1, ...) or a
+    MinAtar game: MinAtar/Asterix, MinAtar/Breakout, MinAtar/Freeway, MinAtar/Seaquest, MinAtar/SpaceInvaders"""
     env_ids: tuple[str, ...] = ()
     """a task sequence for continual learning (overrides --env-id); all tasks must share observation and action
-    spaces (Atari sequences use the full 18-action set)"""
+    spaces (Atari sequences use the full 18-action set; MinAtar sequences the full 6-action set, with observation
+    channels zero-padded to 10, Seaquest's count)"""
     steps_per_task: Optional[int] = None
     """environment steps spent on each task of --env-ids (total steps = len(env_ids) * steps_per_task)"""
     epsilon_per_task: bool = False
     """restart the exploration schedule at every task switch (default: one schedule over the whole run)"""
     total_timesteps: Optional[int] = None
     """total environment steps, summed over envs [default: Atari 50M agent steps = 200M frames (Dopamine);
-    vector 500k (CleanRL)]"""
+    vector 500k (CleanRL); MinAtar 5M (MinAtar paper)]"""
     num_envs: int = 1
     """number of parallel EnvPool environments used for collection"""
     env_threads: Optional[int] = None
     """EnvPool worker threads (0: one per env up to the core count) [default: Atari 0; vector 1, since a cheap
-    env step costs less than handing it to another thread]"""
-    sticky_action_prob: float = 0.25
-    """Atari only: probability of repeating the previous action (Dopamine/Machado et al. protocol)"""
+    env step costs less than handing it to another thread; MinAtar steps in this process and ignores it]"""
+    sticky_action_prob: Optional[float] = None
+    """Atari and MinAtar: probability of repeating the previous action [default: Atari 0.25 (Dopamine/Machado et
+    al. protocol); MinAtar 0.1 (minatar.Environment's default, the MinAtar paper)]"""
     episodic_life: bool = False
     """Atari only: treat life loss as terminal for learning (returns are still logged per full game)"""
     noop_max: int = 1
     """Atari only: maximum no-op actions at reset (Dopamine uses none; 1 is EnvPool's minimum)"""
     full_action_space: Optional[bool] = None
-    """Atari only: use all 18 actions [default: True for task sequences, else False]"""
+    """Atari: use all 18 actions; MinAtar: all 6 instead of the game's minimal set [default: Atari True for task
+    sequences, else False; MinAtar True (the MinAtar paper's agents act with all 6 actions)]"""
     max_episode_steps: Optional[int] = None
-    """episode cap in agent steps [default: EnvPool's, 27000 = 108k frames for Atari]"""
+    """episode cap in agent steps, a truncation [default: EnvPool's, 27000 = 108k frames for Atari; MinAtar none
+    (the MinAtar paper; Freeway ends itself after 2500 steps)]"""
 
     # --- algorithm (None means the family default, resolved from the observation shape) ---
     learning_rate: Optional[float] = None
-    """Adam learning rate [default: Atari 6.25e-5 (Dopamine); vector 2.5e-4 (CleanRL)]"""
+    """Adam learning rate [default: Atari 6.25e-5 (Dopamine); vector 2.5e-4 (CleanRL); MinAtar 2.5e-4 (the MinAtar
+    paper's step size)]"""
     adam_eps: Optional[float] = None
-    """Adam epsilon [default: Atari 1.5e-4 (Dopamine); vector 1e-8 (PyTorch/CleanRL)]"""
+    """Adam epsilon [default: Atari 1.5e-4 (Dopamine); vector 1e-8 (PyTorch/CleanRL); MinAtar 3.125e-4 (Dopamine's
+    MinAtar Adam; the MinAtar paper uses centered RMSprop, docs/dqn.md detail 13)]"""
     buffer_size: Optional[int] = None
-    """replay memory capacity in transitions [default: Atari 1M; vector 10k]"""
+    """replay memory capacity in transitions [default: Atari 1M; vector 10k; MinAtar 100k]"""
     gamma: float = 0.99
     """discount factor"""
     n_step: int = 1
     """n-step return length (1 is Dopamine's and CleanRL's DQN)"""
     batch_size: Optional[int] = None
-    """minibatch size [default: Atari 32; vector 128]"""
+    """minibatch size [default: Atari 32; vector 128; MinAtar 32]"""
     replay_ratio: Optional[float] = None
-    """gradient updates per environment step [default: Atari 0.25 (update period 4); vector 0.1 (train frequency 10)]"""
+    """gradient updates per environment step [default: Atari 0.25 (update period 4); vector 0.1 (train frequency 10);
+    MinAtar 1 (the MinAtar paper)]"""
     target_network_frequency: Optional[int] = None
-    """environment steps between hard target-network copies [default: Atari 8000; vector 500]"""
+    """environment steps between hard target-network copies [default: Atari 8000; vector 500; MinAtar 1000]"""
     start_e: float = 1.0
     """epsilon at the start of the exploration schedule"""
     end_e: Optional[float] = None
-    """final exploration epsilon [default: Atari 0.01; vector 0.05]"""
+    """final exploration epsilon [default: Atari 0.01; vector 0.05; MinAtar 0.1]"""
     exploration_steps: Optional[int] = None
     """environment steps over which epsilon decays linearly, starting after learning_starts
-    [default: Atari 250k; vector: until half of total_timesteps, as CleanRL's exploration_fraction 0.5]"""
+    [default: Atari 250k; vector: until half of total_timesteps, as CleanRL's exploration_fraction 0.5; MinAtar 100k]"""
     learning_starts: Optional[int] = None
-    """environment steps of uniform-random play before learning [default: Atari 20k; vector 10k]"""
+    """environment steps of uniform-random play before learning [default: Atari 20k; vector 10k; MinAtar 5000]"""
     eval_epsilon: Optional[float] = None
-    """epsilon of the evaluation policy [default: Atari 0.001 (Dopamine); vector 0.05 (CleanRL)]"""
-    loss: Literal["mse", "huber"] = "mse"
-    """TD regression loss (Dopamine's JAX DQN uses mse; several labs use huber)"""
+    """epsilon of the evaluation policy [default: Atari 0.001 (Dopamine); vector 0.05 (CleanRL); MinAtar 0.001
+    (Dopamine's MinAtar; the MinAtar paper reports training returns only)]"""
+    loss: Optional[Literal["mse", "huber"]] = None
+    """TD regression loss [default: Atari mse (Dopamine's JAX DQN); vector mse (CleanRL); MinAtar huber (the
+    MinAtar paper's smooth L1)]"""
     clip_rewards: Optional[bool] = None
-    """clip rewards to [-1, 1] for learning [default: Atari True; vector False]"""
+    """clip rewards to [-1, 1] for learning [default: Atari True; vector False; MinAtar False (the MinAtar paper)]"""
 
 
 class UserError(Exception):
@@ -156,15 +169,25 @@ class Diverged(Exception):
     """A non-finite loss: the run stops with summary status "diverged"."""
 
 
-# Family defaults: (Atari / pixels, Dopamine dqn.gin) and (vector observations, CleanRL dqn.py). docs/dqn.md, detail 1.
+# Family defaults: (Atari / pixels, Dopamine dqn.gin), (vector observations, CleanRL dqn.py) and (MinAtar, the
+# MinAtar paper's examples/dqn.py). docs/dqn.md, details 1 and 13.
 FAMILY_DEFAULTS = {
     "atari": dict(learning_rate=6.25e-5, adam_eps=1.5e-4, buffer_size=1_000_000, batch_size=32, replay_ratio=0.25,
                   target_network_frequency=8000, end_e=0.01, learning_starts=20_000, eval_epsilon=0.001,
-                  clip_rewards=True, env_threads=0, total_timesteps=50_000_000),
+                  clip_rewards=True, env_threads=0, total_timesteps=50_000_000, exploration_steps=250_000,
+                  loss="mse", sticky_action_prob=0.25),
     "vector": dict(learning_rate=2.5e-4, adam_eps=1e-8, buffer_size=10_000, batch_size=128, replay_ratio=0.1,
                    target_network_frequency=500, end_e=0.05, learning_starts=10_000, eval_epsilon=0.05,
-                   clip_rewards=False, env_threads=1, total_timesteps=500_000),
+                   clip_rewards=False, env_threads=1, total_timesteps=500_000, loss="mse"),
+    "minatar": dict(learning_rate=2.5e-4, adam_eps=3.125e-4, buffer_size=100_000, batch_size=32, replay_ratio=1.0,
+                    target_network_frequency=1000, end_e=0.1, learning_starts=5000, eval_epsilon=0.001,
+                    clip_rewards=False, env_threads=0, total_timesteps=5_000_000, exploration_steps=100_000,
+                    loss="huber", sticky_action_prob=0.1),
 }
+# MinAtar games by env id (minatar.Environment names). Observations are (channels, 10, 10) 0/1 grids (detail 13).
+MINATAR_GAMES = {"MinAtar/Asterix": "asterix", "MinAtar/Breakout": "breakout", "MinAtar/Freeway": "freeway",
+                 "MinAtar/Seaquest": "seaquest", "MinAtar/SpaceInvaders": "space_invaders"}
+MINATAR_CHANNELS = 10  # the most any game has (Seaquest): task sequences pad every game to it
 
 
 def resolve_args(args: Args):
@@ -172,13 +195,20 @@ def resolve_args(args: Args):
     import envpool
 
     tasks = list(args.env_ids) if args.env_ids else [args.env_id]
-    known = envpool.list_all_envs()
+    minatar = tasks[0].startswith("MinAtar/")  # MinAtar games come from the minatar package, not EnvPool (detail 13)
+    if any(task.startswith("MinAtar/") != minatar for task in tasks):
+        raise UserError(f"a task sequence cannot mix MinAtar and EnvPool ids: {' '.join(tasks)}")
+    known = list(MINATAR_GAMES) if minatar else envpool.list_all_envs()
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, known, n=3, cutoff=0.6)
             hint = f" (did you mean: {', '.join(close)}?)" if close else " (see envpool.list_all_envs())"
+            hint = f" (MinAtar games: {', '.join(MINATAR_GAMES)})" if minatar else hint
             raise UserError(f"unknown env id '{task}'{hint}")
-    specs = [envpool.make_spec(task) for task in tasks]
+    if args.full_action_space is None:  # MinAtar: all 6 actions, as the MinAtar paper's agents (detail 13)
+        args.full_action_space = len(tasks) > 1 or minatar
+    specs = [MinAtarVecEnv(MINATAR_GAMES[task], 1, [0], 0.0, args.full_action_space, len(tasks) > 1) if minatar
+             else envpool.make_spec(task) for task in tasks]
     spaces = set()
     for task, spec in zip(tasks, specs):
         if type(spec.action_space).__name__ != "Discrete":
@@ -189,9 +219,7 @@ def resolve_args(args: Args):
         spaces.add(tuple(shape))
     if len(spaces) > 1:
         raise UserError(f"all tasks of --env-ids must share the observation shape; got {sorted(spaces)}")
-    family = "atari" if len(next(iter(spaces))) == 3 else "vector"
-    if args.full_action_space is None:
-        args.full_action_space = len(tasks) > 1
+    family = "minatar" if minatar else ("atari" if len(next(iter(spaces))) == 3 else "vector")
     if family == "atari":  # the full action set is a make() option, so ask EnvPool for the set each task will use
         specs = [envpool.make_spec(task, full_action_space=args.full_action_space) for task in tasks]
     if len({spec.action_space.n for spec in specs}) > 1:
@@ -207,9 +235,8 @@ def resolve_args(args: Args):
         args.total_timesteps = len(tasks) * args.steps_per_task
     elif args.total_timesteps is None:
         args.total_timesteps = args.steps_per_task or FAMILY_DEFAULTS[family]["total_timesteps"]
-    if args.exploration_steps is None:
-        args.exploration_steps = (
-            250_000 if family == "atari" else max(1, args.total_timesteps // 2 - args.learning_starts))
+    if args.exploration_steps is None:  # vector: epsilon reaches end_e at half of the run (CleanRL)
+        args.exploration_steps = max(1, args.total_timesteps // 2 - args.learning_starts)
     for name in ("num_envs", "batch_size", "buffer_size", "n_step", "target_network_frequency", "total_timesteps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -227,7 +254,11 @@ def resolve_args(args: Args):
 
 
 def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bool = True):
-    """An EnvPool Gymnasium vector env. Atari follows the Dopamine protocol (docs/dqn.md, detail 2)."""
+    """An EnvPool Gymnasium vector env. Atari follows the Dopamine protocol (docs/dqn.md, detail 2). MinAtar ids
+    get MinAtarVecEnv, which behaves like EnvPool (detail 13)."""
+    if env_id in MINATAR_GAMES:
+        return MinAtarVecEnv(MINATAR_GAMES[env_id], num_envs, seeds, args.sticky_action_prob, args.full_action_space,
+                             len(args.env_ids) > 1, args.max_episode_steps)
     import envpool
 
     kwargs = dict(env_type="gymnasium", num_envs=num_envs, seed=seeds, num_threads=args.env_threads or 0)
@@ -253,6 +284,63 @@ def env_seeds(seed: int, task_index: int, purpose: int, num_envs: int) -> list[i
     return [int(s % (2**31 - 1)) for s in state]
 
 
+class MinAtarVecEnv:
+    """`num_envs` MinAtar games behind the EnvPool interface this script relies on (docs/dqn.md, detail 13).
+
+    Each env is a `minatar.Environment` (its own sticky actions, seeded with `seeds[i]`). Observations are the
+    game's (10, 10, C) bool grid as (C, 10, 10) uint8, channels zero-padded to MINATAR_CHANNELS with `pad_channels`
+    (task sequences). Actions index the game's minimal action set, or all 6 actions with `full_action_space`.
+    Like EnvPool, an env auto-resets on the step *after* its episode ended: that step ignores the action and
+    returns the new episode's first observation with reward 0. `max_episode_steps` truncates an episode."""
+
+    def __init__(self, game: str, num_envs: int, seeds: list[int], sticky_action_prob: float,
+                 full_action_space: bool, pad_channels: bool, max_episode_steps: Optional[int] = None):
+        import gymnasium
+        import minatar
+
+        self.games = [minatar.Environment(game, sticky_action_prob=sticky_action_prob) for _ in range(num_envs)]
+        for env, seed in zip(self.games, seeds):
+            env.seed(seed)  # seeds the game's dynamics and its sticky-action coin (one RandomState)
+        self.action_set = list(range(6)) if full_action_space else self.games[0].minimal_action_set()
+        self.game_channels = self.games[0].n_channels
+        channels = MINATAR_CHANNELS if pad_channels else self.game_channels
+        self.observation_space = gymnasium.spaces.Box(0, 1, (channels, 10, 10), np.uint8)
+        self.action_space = gymnasium.spaces.Discrete(len(self.action_set))
+        self.max_episode_steps = max_episode_steps
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.done = np.zeros(num_envs, dtype=bool)
+
+    def observe(self) -> np.ndarray:
+        obs = np.zeros((len(self.games), *self.observation_space.shape), dtype=np.uint8)
+        obs[:, : self.game_channels] = np.stack([env.state() for env in self.games]).transpose(0, 3, 1, 2)
+        return obs
+
+    def reset(self):
+        for env in self.games:
+            env.reset()
+        self.lengths[:], self.done[:] = 0, False
+        return self.observe(), {}
+
+    def step(self, actions):
+        n = len(self.games)
+        reward = np.zeros(n, dtype=np.float32)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        for i, env in enumerate(self.games):
+            if self.done[i]:  # EnvPool-style auto-reset step: the action is ignored
+                env.reset()
+                self.lengths[i] = 0
+                continue
+            reward[i], terminated[i] = env.act(self.action_set[int(actions[i])])
+            self.lengths[i] += 1
+        if self.max_episode_steps is not None:
+            truncated = ~terminated & ~self.done & (self.lengths >= self.max_episode_steps)
+        self.done = terminated | truncated
+        return self.observe(), reward, terminated, truncated, {}
+
+    def close(self):
+        pass
+
+
 class ReplayBuffer:
     """Replay memory storing every frame once (docs/dqn.md, detail 3).
 
@@ -261,13 +349,15 @@ class ReplayBuffer:
     rebuilt from the last `stack` rows, repeating the first frame of an episode as EnvPool does at a reset.
     `valid[t]` is False for EnvPool's auto-reset step (obs_t is a final observation, its action is ignored), so
     that pseudo-transition is never sampled. `first[t]` marks the first observation after a full reset.
+    `stacked`: observations are frame stacks (Atari); otherwise each observation is stored whole (vectors, and
+    MinAtar grids as uint8).
     """
 
-    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, pixel: bool):
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, stacked: bool):
         self.rows = capacity // num_envs
         self.num_envs = num_envs
-        self.stack = obs_shape[0] if pixel else 1
-        frame_shape = obs_shape[1:] if pixel else obs_shape
+        self.stack = obs_shape[0] if stacked else 1
+        frame_shape = obs_shape[1:] if stacked else obs_shape
         self.frames = np.zeros((self.rows, num_envs, *frame_shape), dtype=obs_dtype)
         self.actions = np.zeros((self.rows, num_envs), dtype=np.int64)
         self.rewards = np.zeros((self.rows, num_envs), dtype=np.float32)
@@ -374,15 +464,21 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class QNetwork(nn.Module):
-    """Nature CNN (pixels, Dopamine: SAME padding, xavier_uniform, zero bias) or CleanRL's 120-84 MLP (vectors).
+    """Nature CNN (pixels, Dopamine: SAME padding, xavier_uniform, zero bias), CleanRL's 120-84 MLP (vectors), or
+    with `minatar` the MinAtar paper's network (one 3x3 conv of 16 channels, stride 1, VALID, then 128 units).
 
     One nn.Sequential whose hidden layers are (Linear|Conv2d, ReLU) pairs, so interventions and diagnostics can
     walk it (`hidden_layers`); `forward(x, return_hidden=True)` also returns every ReLU output."""
 
-    def __init__(self, obs_shape: tuple, n_actions: int):
+    def __init__(self, obs_shape: tuple, n_actions: int, minatar: bool = False):
         super().__init__()
-        self.pixel = len(obs_shape) == 3
-        if self.pixel:
+        self.pixel = len(obs_shape) == 3 and not minatar  # Atari frames: uint8 scaled by 1/255 in forward
+        if minatar:  # 0/1 grids, used as they are; PyTorch default init as the MinAtar paper's code (detail 13)
+            c, h, w = obs_shape
+            layers = [("conv1", nn.Conv2d(c, 16, 3, 1)), ("act1", nn.ReLU()), ("flatten", nn.Flatten()),
+                      ("fc1", nn.Linear(16 * (h - 2) * (w - 2), 128)), ("act2", nn.ReLU()),
+                      ("q", nn.Linear(128, n_actions))]
+        elif self.pixel:
             layers, (c, size) = [], (obs_shape[0], obs_shape[1])
             for i, (out, k, s) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], start=1):
                 lo, hi = same_padding(size, k, s)
@@ -574,8 +670,8 @@ def run(args: Args) -> dict:
     try:
         envs = make_env(tasks[0], args.num_envs, env_seeds(args.seed, 0, 0, args.num_envs), args)
         obs_shape, n_actions = envs.observation_space.shape, int(envs.action_space.n)
-        q_network = QNetwork(obs_shape, n_actions).to(device)
-        target_network = QNetwork(obs_shape, n_actions).to(device)
+        q_network = QNetwork(obs_shape, n_actions, family == "minatar").to(device)
+        target_network = QNetwork(obs_shape, n_actions, family == "minatar").to(device)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):
@@ -589,7 +685,7 @@ def run(args: Args) -> dict:
             return summary
         target_network.load_state_dict(q_network.state_dict())
         optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-        rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype, q_network.pixel)
+        rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype, family == "atari")
         stats = EpisodeStats(args.num_envs)
 
         obs, _ = envs.reset()

@@ -89,39 +89,45 @@ class Args:
     # --- environment ---
     env_id: str = "CartPole-v1"
     """the EnvPool task id (Atari: Pong-v5, ...; classic control: CartPole-v1, ...; MuJoCo: Hopper-v4, ...;
-    DeepMind Control: CheetahRun-v1, ...; MiniGrid: MiniGrid-DoorKey-5x5-v0, ...)"""
+    DeepMind Control: CheetahRun-v1, ...; MiniGrid: MiniGrid-DoorKey-5x5-v0, ...) or a MinAtar game:
+    MinAtar/Asterix, MinAtar/Breakout, MinAtar/Freeway, MinAtar/Seaquest, MinAtar/SpaceInvaders"""
     env_ids: tuple[str, ...] = ()
     """a task sequence for continual learning (overrides --env-id); all tasks must share observation and action
-    spaces (Atari sequences use the full 18-action set)"""
+    spaces (Atari sequences use the full 18-action set; MinAtar sequences the full 6-action set, with observation
+    channels zero-padded to 10, Seaquest's count)"""
     steps_per_task: Optional[int] = None
     """environment steps spent on each task of --env-ids (total steps = len(env_ids) * steps_per_task; a multiple
     of num_envs * num_steps, since tasks switch between rollouts)"""
     total_timesteps: Optional[int] = None
     """total environment steps, summed over envs [default: Atari 10M (CleanRL ppo_atari_envpool); classic control
-    and MiniGrid 500k (CleanRL ppo); MuJoCo/DMC 1M (CleanRL ppo_continuous_action)]"""
+    and MiniGrid 500k (CleanRL ppo); MuJoCo/DMC 1M (CleanRL ppo_continuous_action); MinAtar 10M (PureJaxRL)]"""
     num_envs: Optional[int] = None
-    """number of parallel EnvPool environments [default: Atari 8; classic 4; MuJoCo/DMC 1 (CleanRL)]"""
+    """number of parallel EnvPool environments [default: Atari 8; classic 4; MuJoCo/DMC 1 (CleanRL); MinAtar 64
+    (PureJaxRL)]"""
     env_threads: Optional[int] = None
     """EnvPool worker threads (0: one per env up to the core count) [default: Atari 0; others 1, since a cheap
     env step costs less than handing it to another thread]"""
-    sticky_action_prob: float = 0.0
-    """Atari only: probability of repeating the previous action (0: CleanRL's v4-style protocol)"""
+    sticky_action_prob: Optional[float] = None
+    """Atari and MinAtar: probability of repeating the previous action [default: Atari 0 (CleanRL's v4-style
+    protocol); MinAtar 0.1 (minatar.Environment's default, the MinAtar paper)]"""
     episodic_life: Optional[bool] = None
     """Atari only: treat life loss as terminal for learning (returns are still logged per full game)
     [default: Atari True (CleanRL)]"""
     noop_max: int = 30
     """Atari only: maximum no-op actions at reset (CleanRL/EnvPool default 30)"""
     full_action_space: Optional[bool] = None
-    """Atari only: use all 18 actions [default: True for task sequences, else False]"""
+    """Atari: use all 18 actions; MinAtar: all 6 instead of the game's minimal set [default: True for task
+    sequences, else False]"""
     max_episode_steps: Optional[int] = None
-    """episode cap in agent steps [default: EnvPool's, 27000 = 108k frames for Atari, 1000 for MuJoCo/DMC]"""
+    """episode cap in agent steps, a truncation [default: EnvPool's, 27000 = 108k frames for Atari, 1000 for
+    MuJoCo/DMC; MinAtar none (the MinAtar paper; Freeway ends itself after 2500 steps)]"""
 
     # --- algorithm (None means the family default, resolved from the observation and action spaces) ---
     num_steps: Optional[int] = None
-    """steps per environment per rollout [default: Atari 128; classic 128; MuJoCo/DMC 2048 (CleanRL)]"""
+    """steps per environment per rollout [default: Atari 128; classic 128; MuJoCo/DMC 2048 (CleanRL); MinAtar 128]"""
     learning_rate: Optional[float] = None
     """Adam learning rate, annealed linearly to 0 over the run [default: Atari 2.5e-4; classic 2.5e-4;
-    MuJoCo/DMC 3e-4 (CleanRL)]"""
+    MuJoCo/DMC 3e-4 (CleanRL); MinAtar 5e-3 (PureJaxRL, tuned on SpaceInvaders only)]"""
     adam_eps: float = 1e-5
     """Adam epsilon (CleanRL and openai/baselines ppo2)"""
     anneal_lr: bool = True
@@ -131,17 +137,19 @@ class Args:
     gae_lambda: float = 0.95
     """the lambda of generalised advantage estimation"""
     num_minibatches: Optional[int] = None
-    """minibatches per epoch [default: Atari 4; classic 4; MuJoCo/DMC 32 (CleanRL)]"""
+    """minibatches per epoch [default: Atari 4; classic 4; MuJoCo/DMC 32 (CleanRL); MinAtar 8 (PureJaxRL)]"""
     update_epochs: Optional[int] = None
-    """epochs over each rollout [default: Atari 4; classic 4; MuJoCo/DMC 10 (CleanRL)]"""
+    """epochs over each rollout [default: Atari 4; classic 4; MuJoCo/DMC 10 (CleanRL); MinAtar 4 (PureJaxRL)]"""
     norm_adv: bool = True
     """normalise advantages per minibatch"""
     clip_coef: Optional[float] = None
-    """surrogate (and value) clipping coefficient [default: Atari 0.1; classic 0.2; MuJoCo/DMC 0.2 (CleanRL)]"""
+    """surrogate (and value) clipping coefficient [default: Atari 0.1; classic 0.2; MuJoCo/DMC 0.2 (CleanRL);
+    MinAtar 0.2 (PureJaxRL)]"""
     clip_vloss: bool = True
     """clip the value loss as PPO2 (openai/baselines) does"""
     ent_coef: Optional[float] = None
-    """entropy bonus coefficient [default: Atari 0.01; classic 0.01; MuJoCo/DMC 0.0 (CleanRL)]"""
+    """entropy bonus coefficient [default: Atari 0.01; classic 0.01; MuJoCo/DMC 0.0 (CleanRL); MinAtar 0.01
+    (PureJaxRL)]"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -187,11 +195,15 @@ class Diverged(Exception):
 
 
 # Family defaults: Atari = CleanRL ppo_atari_envpool.py, classic (incl. MiniGrid) = CleanRL ppo.py,
-# continuous (MuJoCo, DMC) = CleanRL ppo_continuous_action.py. docs/ppo.md, detail 1.
+# continuous (MuJoCo, DMC) = CleanRL ppo_continuous_action.py, MinAtar = PureJaxRL's MinAtar PPO. docs/ppo.md,
+# details 1 and 16.
 FAMILY_DEFAULTS = {
     "atari": dict(num_envs=8, num_steps=128, learning_rate=2.5e-4, num_minibatches=4, update_epochs=4,
                   clip_coef=0.1, ent_coef=0.01, episodic_life=True, clip_rewards=True, norm_obs=False,
-                  norm_reward=False, env_threads=0, total_timesteps=10_000_000),
+                  norm_reward=False, env_threads=0, total_timesteps=10_000_000, sticky_action_prob=0.0),
+    "minatar": dict(num_envs=64, num_steps=128, learning_rate=5e-3, num_minibatches=8, update_epochs=4,
+                    clip_coef=0.2, ent_coef=0.01, episodic_life=False, clip_rewards=False, norm_obs=False,
+                    norm_reward=False, env_threads=0, total_timesteps=10_000_000, sticky_action_prob=0.1),
     "classic": dict(num_envs=4, num_steps=128, learning_rate=2.5e-4, num_minibatches=4, update_epochs=4,
                     clip_coef=0.2, ent_coef=0.01, episodic_life=False, clip_rewards=False, norm_obs=False,
                     norm_reward=False, env_threads=1, total_timesteps=500_000),
@@ -201,6 +213,10 @@ FAMILY_DEFAULTS = {
 }
 # Dict entries that are not observations of the state (MiniGrid's mission string, constant within a task).
 DROPPED_KEYS = ("mission",)
+# MinAtar games by env id (minatar.Environment names). Observations are (channels, 10, 10) 0/1 grids (detail 16).
+MINATAR_GAMES = {"MinAtar/Asterix": "asterix", "MinAtar/Breakout": "breakout", "MinAtar/Freeway": "freeway",
+                 "MinAtar/Seaquest": "seaquest", "MinAtar/SpaceInvaders": "space_invaders"}
+MINATAR_CHANNELS = 10  # the most any game has (Seaquest): task sequences pad every game to it
 
 
 def space_kind(space) -> str:
@@ -215,6 +231,8 @@ def flat_obs_shape(space) -> Optional[tuple]:
         shape = tuple(space.shape)
         if len(shape) == 3 and space.dtype == np.uint8 and shape[0] < min(shape[1:]) and min(shape[1:]) >= 36:
             return shape  # channel-first frame stacks, large enough for the Nature CNN's VALID convolutions
+        if len(shape) == 3 and space.dtype == np.uint8 and shape[1:] == (10, 10):
+            return (int(np.prod(shape)),)  # MinAtar grids, flattened for the MLPs (detail 16)
         return shape if len(shape) == 1 else None
     if space_kind(space) == "Dict":
         size = 0
@@ -235,6 +253,8 @@ def flatten_obs(obs, space) -> np.ndarray:
     """EnvPool observations -> the network input (docs/ppo.md, detail 2). Dict entries are concatenated in the
     space's key order: Discrete entries one-hot, Box entries flattened (scalars of shape () become 1 feature),
     the MiniGrid mission dropped. Stacked Atari frames stay uint8; everything else becomes float32."""
+    if space_kind(space) != "Dict" and obs.ndim == 4 and obs.shape[2:] == (10, 10):
+        return obs.reshape(len(obs), -1).astype(np.float32)  # MinAtar grids: 0/1 features for the MLPs (detail 16)
     if space_kind(space) != "Dict":
         return obs if obs.dtype == np.uint8 and obs.ndim == 4 else obs.astype(np.float32, copy=False)
     parts = []
@@ -254,18 +274,25 @@ def resolve_args(args: Args):
     import envpool
 
     tasks = list(args.env_ids) if args.env_ids else [args.env_id]
-    known = envpool.list_all_envs()
+    minatar = tasks[0].startswith("MinAtar/")  # MinAtar games come from the minatar package, not EnvPool (detail 16)
+    if any(task.startswith("MinAtar/") != minatar for task in tasks):
+        raise UserError(f"a task sequence cannot mix MinAtar and EnvPool ids: {' '.join(tasks)}")
+    known = list(MINATAR_GAMES) if minatar else envpool.list_all_envs()
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, known, n=3, cutoff=0.6)
             hint = f" (did you mean: {', '.join(close)}?)" if close else " (see envpool.list_all_envs())"
+            hint = f" (MinAtar games: {', '.join(MINATAR_GAMES)})" if minatar else hint
             raise UserError(f"unknown env id '{task}'{hint}")
     if args.full_action_space is None:
         args.full_action_space = len(tasks) > 1
     signatures, families = set(), set()
     for task in tasks:
-        spec = envpool.make_spec(task)
-        if "full_action_space" in spec.config._fields:  # Atari: the action set is a make() option
+        if minatar:
+            spec = MinAtarVecEnv(MINATAR_GAMES[task], 1, [0], 0.0, args.full_action_space, len(tasks) > 1)
+        else:
+            spec = envpool.make_spec(task)
+        if not minatar and "full_action_space" in spec.config._fields:  # Atari: the action set is a make() option
             spec = envpool.make_spec(task, full_action_space=args.full_action_space)
         obs_shape = flat_obs_shape(spec.observation_space)
         if obs_shape is None:
@@ -274,7 +301,7 @@ def resolve_args(args: Args):
         action = spec.action_space
         if space_kind(action) == "Discrete":
             action_sig = ("discrete", int(action.n))
-            family = "atari" if len(obs_shape) == 3 else "classic"
+            family = "minatar" if minatar else ("atari" if len(obs_shape) == 3 else "classic")
         elif space_kind(action) == "Box" and len(action.shape) == 1:
             action_sig = ("continuous", int(action.shape[0]))
             family = "continuous"
@@ -330,7 +357,11 @@ def resolve_args(args: Args):
 
 
 def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bool = True):
-    """An EnvPool Gymnasium vector env. Atari follows CleanRL's protocol (docs/ppo.md, detail 3)."""
+    """An EnvPool Gymnasium vector env. Atari follows CleanRL's protocol (docs/ppo.md, detail 3). MinAtar ids get
+    MinAtarVecEnv, which behaves like EnvPool (detail 16)."""
+    if env_id in MINATAR_GAMES:
+        return MinAtarVecEnv(MINATAR_GAMES[env_id], num_envs, seeds, args.sticky_action_prob, args.full_action_space,
+                             len(args.env_ids) > 1, args.max_episode_steps)
     import envpool
 
     kwargs = dict(env_type="gymnasium", num_envs=num_envs, seed=seeds, num_threads=args.env_threads or 0)
@@ -354,6 +385,63 @@ def env_seeds(seed: int, task_index: int, purpose: int, num_envs: int) -> list[i
     so runs with seeds 1 and 2 would share num_envs - 1 environments; we pass an explicit list instead."""
     state = np.random.SeedSequence([seed, task_index, purpose]).generate_state(num_envs)
     return [int(s % (2**31 - 1)) for s in state]
+
+
+class MinAtarVecEnv:
+    """`num_envs` MinAtar games behind the EnvPool interface this script relies on (docs/ppo.md, detail 16).
+
+    Each env is a `minatar.Environment` (its own sticky actions, seeded with `seeds[i]`). Observations are the
+    game's (10, 10, C) bool grid as (C, 10, 10) uint8, channels zero-padded to MINATAR_CHANNELS with `pad_channels`
+    (task sequences). Actions index the game's minimal action set, or all 6 actions with `full_action_space`.
+    Like EnvPool, an env auto-resets on the step *after* its episode ended: that step ignores the action and
+    returns the new episode's first observation with reward 0. `max_episode_steps` truncates an episode."""
+
+    def __init__(self, game: str, num_envs: int, seeds: list[int], sticky_action_prob: float,
+                 full_action_space: bool, pad_channels: bool, max_episode_steps: Optional[int] = None):
+        import gymnasium
+        import minatar
+
+        self.games = [minatar.Environment(game, sticky_action_prob=sticky_action_prob) for _ in range(num_envs)]
+        for env, seed in zip(self.games, seeds):
+            env.seed(seed)  # seeds the game's dynamics and its sticky-action coin (one RandomState)
+        self.action_set = list(range(6)) if full_action_space else self.games[0].minimal_action_set()
+        self.game_channels = self.games[0].n_channels
+        channels = MINATAR_CHANNELS if pad_channels else self.game_channels
+        self.observation_space = gymnasium.spaces.Box(0, 1, (channels, 10, 10), np.uint8)
+        self.action_space = gymnasium.spaces.Discrete(len(self.action_set))
+        self.max_episode_steps = max_episode_steps
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.done = np.zeros(num_envs, dtype=bool)
+
+    def observe(self) -> np.ndarray:
+        obs = np.zeros((len(self.games), *self.observation_space.shape), dtype=np.uint8)
+        obs[:, : self.game_channels] = np.stack([env.state() for env in self.games]).transpose(0, 3, 1, 2)
+        return obs
+
+    def reset(self):
+        for env in self.games:
+            env.reset()
+        self.lengths[:], self.done[:] = 0, False
+        return self.observe(), {}
+
+    def step(self, actions):
+        n = len(self.games)
+        reward = np.zeros(n, dtype=np.float32)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        for i, env in enumerate(self.games):
+            if self.done[i]:  # EnvPool-style auto-reset step: the action is ignored
+                env.reset()
+                self.lengths[i] = 0
+                continue
+            reward[i], terminated[i] = env.act(self.action_set[int(actions[i])])
+            self.lengths[i] += 1
+        if self.max_episode_steps is not None:
+            truncated = ~terminated & ~self.done & (self.lengths >= self.max_episode_steps)
+        self.done = terminated | truncated
+        return self.observe(), reward, terminated, truncated, {}
+
+    def close(self):
+        pass
 
 
 class EpisodeStats:
@@ -476,7 +564,8 @@ def sem_settings(args: Args) -> tuple[Optional[tuple], Optional[tuple]]:
 
 class Agent(nn.Module):
     """Actor-critic. Pixels: CleanRL's Nature CNN (VALID padding, 3136 features into 512) shared by a linear policy
-    and a linear value head. Vectors: separate 64-64 tanh MLPs for policy and value (docs/ppo.md, detail 4).
+    and a linear value head. Vectors: separate 64-64 tanh MLPs for policy and value (docs/ppo.md, detail 4);
+    MinAtar grids, flattened: the same MLPs with ReLU, as PureJaxRL (detail 16).
     Discrete actions get a categorical policy over logits; Box actions a diagonal Gaussian whose log-std is a
     state-independent parameter.
 
@@ -488,7 +577,7 @@ class Agent(nn.Module):
     replaces its fc1 and ReLU when both are set (they must be equal)."""
 
     def __init__(self, obs_shape: tuple, action_dim: int, continuous: bool, actor_sem: Optional[tuple] = None,
-                 critic_sem: Optional[tuple] = None):
+                 critic_sem: Optional[tuple] = None, minatar: bool = False):
         super().__init__()
         self.pixel, self.continuous = len(obs_shape) == 3, continuous
         if self.pixel:
@@ -505,10 +594,12 @@ class Agent(nn.Module):
             self.actor = nn.Sequential(OrderedDict([("out", layer_init(nn.Linear(width, action_dim), std=0.01))]))
             self.critic = nn.Sequential(OrderedDict([("out", layer_init(nn.Linear(width, 1), std=1.0))]))
         else:
+            act = nn.ReLU if minatar else nn.Tanh  # MinAtar: PureJaxRL's ReLU MLPs (detail 16)
+
             def mlp(out_dim: int, std: float, sem: Optional[tuple] = None):
                 return nn.Sequential(OrderedDict([
-                    ("fc1", layer_init(nn.Linear(obs_shape[0], 64))), ("act1", nn.Tanh())] +
-                    ([("fc2", layer_init(nn.Linear(64, 64))), ("act2", nn.Tanh())] if sem is None else
+                    ("fc1", layer_init(nn.Linear(obs_shape[0], 64))), ("act1", act())] +
+                    ([("fc2", layer_init(nn.Linear(64, 64))), ("act2", act())] if sem is None else
                      sem_layers(64, *sem)) +
                     [("out", layer_init(nn.Linear(64 if sem is None else sem[0] * sem[1], out_dim), std=std))]))
 
@@ -783,7 +874,8 @@ def run(args: Args) -> dict:
         continuous = space_kind(action_space) == "Box"
         obs_shape = flat_obs_shape(obs_space)
         action_dim = int(action_space.shape[0]) if continuous else int(action_space.n)
-        agent = Agent(obs_shape, action_dim, continuous, *sem_settings(args)).to(device)  # SEM: detail 2
+        agent = Agent(obs_shape, action_dim, continuous, *sem_settings(args),  # SEM: detail 2
+                      minatar=family == "minatar").to(device)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
             trained = {k: v for k, v in checkpoint["args"].items() if k.startswith("sem_")} or {"sem_placement": "none"}

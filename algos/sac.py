@@ -166,6 +166,8 @@ def resolve_args(args: Args):
     tasks = list(args.env_ids) if args.env_ids else [args.env_id]
     known = envpool.list_all_envs()
     for task in tasks:
+        if task.startswith("MinAtar/"):  # dqn.py and ppo.py run MinAtar; its actions are discrete
+            raise UserError(f"{task}: MinAtar games have discrete actions; sac.py needs continuous ones (use dqn.py or ppo.py)")
         if task not in known:
             close = difflib.get_close_matches(task, known, n=3, cutoff=0.6)
             hint = f" (did you mean: {', '.join(close)}?)" if close else " (see envpool.list_all_envs())"

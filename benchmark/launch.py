@@ -56,8 +56,8 @@ class Run:
     sequence: list[str] = field(default_factory=list)  # a task sequence (env_id is then its label)
 
     @property
-    def name(self) -> str:
-        return f"{self.arm}__{self.env_id}__s{self.seed}"
+    def name(self) -> str:  # a path component: MinAtar's 'MinAtar/Breakout' becomes 'MinAtar-Breakout'
+        return f"{self.arm}__{self.env_id.replace('/', '-')}__s{self.seed}"
 
     def command(self, runs_dir: str) -> list[str]:
         path = self.script if os.path.isabs(self.script) else script_path(self.script)
@@ -82,11 +82,11 @@ def load_suite(name_or_path: str) -> tuple[str, list[Run]]:
             raise SystemExit(f"error: {path}: arm name {arm['name']!r} appears twice")
         names.add(arm["name"])
         tasks = [(env_id, []) for env_id in arm.get("env_ids", [])] + list(arm.get("sequences", {}).items())
-        bad = [label for label, _ in tasks if "__" in label or "/" in label] + \
+        bad = [label for label, seq in tasks if "__" in label or ("/" in label and seq)] + \
             [k for k in ("name",) if "__" in arm["name"]]
         if bad or not tasks:
             raise SystemExit(f"error: {path}: arm {arm['name']!r} needs env_ids or sequences, and names without "
-                             f"'__' or '/' (got {bad or 'no tasks'})")
+                             f"'__' (sequence labels also without '/') (got {bad or 'no tasks'})")
         for seed in arm.get("seeds", spec.get("seeds", [1])):
             for label, sequence in tasks:
                 runs.append(Run(arm["name"], arm["script"], label, int(seed), [str(x) for x in arm.get("flags", [])],

@@ -100,8 +100,8 @@ def atari_stream(request, dqn):
     envs = make_breakout(dqn, request.param)
     shape = envs.observation_space.shape
     assert shape == (4, 84, 84)
-    big = dqn.ReplayBuffer(2 * (ATARI_STEPS + 8), 2, shape, np.uint8, pixel=True)
-    small = dqn.ReplayBuffer(2 * SMALL_ROWS, 2, shape, np.uint8, pixel=True)
+    big = dqn.ReplayBuffer(2 * (ATARI_STEPS + 8), 2, shape, np.uint8, stacked=True)
+    small = dqn.ReplayBuffer(2 * SMALL_ROWS, 2, shape, np.uint8, stacked=True)
     col = Collector(dqn, [big, small], envs, 2, envs.action_space.n, seed=5)
     events = dict(life_loss=0, game_over=0, truncation=0)
     for _ in range(ATARI_STEPS):
@@ -252,7 +252,7 @@ class ScriptedRun:
     def __init__(self, dqn, capacity: int, num_envs: int = 2, seed: int = 0):
         self.rng = np.random.default_rng(seed)
         self.tasks = [scripted_episodes(self.rng, num_envs)]
-        self.rb = dqn.ReplayBuffer(capacity, num_envs, (4,), np.float32, pixel=False)
+        self.rb = dqn.ReplayBuffer(capacity, num_envs, (4,), np.float32, stacked=False)
         self.col = Collector(dqn, [self.rb], ScriptedVectorEnv(self.tasks[0], 0), num_envs, 3, seed=seed + 1)
         self.cut_ends = {}  # (task, env, episode) -> length at the cut
 
@@ -396,7 +396,7 @@ def test_task_switch_cut(dqn):
 def test_memory_per_transition_is_one_frame(dqn):
     frame = 84 * 84  # one uint8 frame: 7056 B
     capacity = 10_000
-    rb = dqn.ReplayBuffer(capacity, 2, (4, 84, 84), np.uint8, pixel=True)
+    rb = dqn.ReplayBuffer(capacity, 2, (4, 84, 84), np.uint8, stacked=True)
     arrays = [v for v in vars(rb).values() if isinstance(v, np.ndarray)]
     per_transition = sum(a.nbytes for a in arrays) / capacity
     assert rb.frames.dtype == np.uint8
