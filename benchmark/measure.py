@@ -77,7 +77,8 @@ def our_script(script: str) -> str:
 def measure_ours(args, out: str, repeat: int, env: dict, side: str = "ours") -> dict:
     """One run of our script (side "ours") or of the --against script (side "against")."""
     script, extra = (args.script, args.extra) if side == "ours" else (args.against, shlex.split(args.against_args))
-    name = f"{side}_{os.path.splitext(os.path.basename(script))[0]}_{args.env_id}_r{repeat}_{int(time.time())}"
+    env_name = args.env_id.replace("/", "-")  # MinAtar/Breakout: a run name, not a path
+    name = f"{side}_{os.path.splitext(os.path.basename(script))[0]}_{env_name}_r{repeat}_{int(time.time())}"
     cmd = [args.python, our_script(script), "--env-id", args.env_id, "--total-timesteps",
            str(args.total_timesteps), "--eval-episodes", "0", "--output-dir", out, "--run-name", name, *extra]
     wall, status, before, after = timed_run(cmd, ROOT, env, os.path.join(out, name + ".log"))

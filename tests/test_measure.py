@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO_ROOT, describe
+from helpers import REPO_ROOT, assert_one_line_error, describe
 
 FAKE_CLEANRL = """import sys
 print("argv", sys.argv[1:])
@@ -123,3 +123,91 @@ def test_roofline_prints_what_a_target_asks():
     assert row["target_gflops"] == round(300000 * row["flops_per_env_step"] / 1e9, 1)
     ratio = row["target_gflops"] / peak["gemm_fp32_gflops"]  # both rounded: compare to within their rounding
     assert abs(row["target_fraction_of_gemm_peak"] - ratio) <= 0.01 + 0.002 * ratio
+
+
+FAKE_OURS = """import argparse, json, os
+p = argparse.ArgumentParser()
+for flag in ("--env-id", "--total-timesteps", "--eval-episodes", "--output-dir", "--run-name"):
+    p.add_argument(flag)
+args = p.parse_args()
+os.makedirs(os.path.join(args.output_dir, args.run_name))
+with open(os.path.join(args.output_dir, args.run_name, "summary.json"), "w") as f:
+    json.dump({"sps": 7, "global_step": int(args.total_timesteps)}, f)
+"""
+
+
+def test_env_id_with_a_slash_names_runs_without_a_subdirectory(tmp_path):
+    """MinAtar/Breakout: the run name (and its log file) replaces the slash instead of pointing into a folder."""
+    ours, fake = tmp_path / "fake_ours.py", tmp_path / "fake_cleanrl.py"
+    ours.write_text(FAKE_OURS)
+    fake.write_text(FAKE_CLEANRL)
+    out = tmp_path / "out"
+    proc = run_measure(tmp_path, "--script", ours, "--env-id", "MinAtar/Breakout", "--total-timesteps", 10,
+                       "--repeats", 1, "--cleanrl-script", fake, "--output-dir", out)
+    assert proc.returncode == 0, describe(proc)
+    ours_row, cleanrl_row, summary = (json.loads(line) for line in proc.stdout.splitlines())
+    name = ours_row["command"][ours_row["command"].index("--run-name") + 1]
+    assert name.startswith("ours_fake_ours_MinAtar-Breakout_r0_") and os.path.isfile(out / (name + ".log"))
+    assert ours_row["sps"] == 7 and cleanrl_row["sps"] == 42 and cleanrl_row["command"][3] == "MinAtar/Breakout"
+
+
+# A stand-in for MinAtar's examples/dqn.py (GPL: never in this repository), with the names the peer runner uses.
+FAKE_MINATAR_PEER = """import os
+NUM_FRAMES = 5000000
+STEP_SIZE = 0.00025
+BATCH_SIZE = 32
+END_EPSILON = 0.1
+
+
+class Environment:
+    def __init__(self, env_name):
+        self.env_name = env_name
+
+
+def dqn(env, replay_off, target_off, output_file_name, store_intermediate_result=False, load_path=None,
+        step_size=STEP_SIZE):
+    assert os.path.isdir(os.path.dirname(output_file_name)), output_file_name
+    print("called", env.env_name, replay_off, target_off, output_file_name, store_intermediate_result, load_path,
+          step_size, NUM_FRAMES)
+
+
+if __name__ == "__main__":
+    raise SystemExit("the peer's main must not run")
+"""
+
+
+def run_minatar_peer(*flags):
+    return subprocess.run([sys.executable, "benchmark/peers/minatar_dqn.py", *map(str, flags)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_minatar_peer_runner_calls_the_peer_once_with_only_num_frames_changed(tmp_path):
+    """benchmark/peers/minatar_dqn.py: loads the peer without its main, sets NUM_FRAMES, builds the env under the
+    minatar game name, calls dqn() as the peer's main does (output into a temporary directory, removed after), and
+    ends with a JSON line and an `SPS:` line."""
+    fake = tmp_path / "examples_dqn.py"
+    fake.write_text(FAKE_MINATAR_PEER)
+    proc = run_minatar_peer("--peer-file", fake, "--env-id", "MinAtar/SpaceInvaders", "--total-timesteps", 1234)
+    assert proc.returncode == 0, describe(proc)
+    called, info, sps = proc.stdout.splitlines()
+    _, game, replay_off, target_off, output, save, load, step_size, frames = called.split()
+    assert (game, replay_off, target_off, save, load, step_size, frames) == (
+        "space_invaders", "False", "False", "False", "None", "0.00025", "1234")
+    assert os.path.basename(output) == "space_invaders" and not os.path.exists(os.path.dirname(output))
+    info = json.loads(info)
+    assert info["frames"] == 1234 and info["game"] == "space_invaders" and info["seconds"] >= 0
+    assert info["hyperparameters"] == {"NUM_FRAMES": 1234, "STEP_SIZE": 0.00025, "BATCH_SIZE": 32, "END_EPSILON": 0.1}
+    assert sps.startswith("SPS: ") and int(sps[len("SPS: "):]) > 0  # the last line, which measure.py reads
+
+
+def test_minatar_peer_runner_rejects_bad_input_in_one_line(tmp_path):
+    proc = run_minatar_peer("--peer-file", tmp_path / "x.py", "--env-id", "MinAtar/Pong", "--total-timesteps", 10)
+    assert_one_line_error(proc, "unknown env id 'MinAtar/Pong'", "MinAtar/SpaceInvaders")
+    proc = run_minatar_peer("--env-id", "MinAtar/Breakout", "--total-timesteps", 10)
+    assert_one_line_error(proc, "--peer-file is required")
+    proc = run_minatar_peer("--peer-file", tmp_path / "x.py", "--env-id", "MinAtar/Breakout", "--total-timesteps", 10)
+    assert_one_line_error(proc, "does not exist")
+    (tmp_path / "other.py").write_text("X = 1\n")
+    proc = run_minatar_peer("--peer-file", tmp_path / "other.py", "--env-id", "MinAtar/Breakout", "--total-timesteps",
+                            10)
+    assert_one_line_error(proc, "does not look like MinAtar's examples/dqn.py", "dqn, NUM_FRAMES")
