@@ -8,6 +8,11 @@ Writes `report.md` plus PNG and PDF figures to --out (default: the suite directo
 have no summary, or have a non-finite score are excluded and listed with the reason; so are runs dropped to give
 every task of an arm the same number of runs (rliable's stratified bootstrap needs a (runs, tasks) array).
 
+A group of several tasks scored in raw returns (some task has no normalisation reference, e.g. MinAtar) is not
+pooled: raw returns of games with different scales make one IQM meaningless. Its aggregates and probabilities of
+improvement are computed per task ((runs, 1) arrays), and the pooled figures (aggregates, performance profile,
+sample-efficiency curves) give way to per_task_curves (training return per task, mean and min-max over runs).
+
 `--published AGENT ...` adds the published per-run Atari 100k scores of DER, DrQ, DrQ_eps, SPR or BBF
 (benchmark/reference/, with provenance) as arms `published:<AGENT>`, only when the protocol matches: every task is
 an Atari 100k game, and every used run's config.json says 100k agent steps and no sticky actions. Otherwise the
@@ -117,6 +122,26 @@ def curve_matrices(used: dict, tasks: list[str], normalise: bool, points: int):
     return curves, steps
 
 
+def task_curves(used: dict, tasks: list[str], points: int) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """{task: {arm: (steps, (runs, points) raw training returns)}}: each run's episodes.csv binned into `points`
+    windows of its budget as curve_matrices bins it (episode_curve). For the per-task figure of raw multi-task
+    groups; a run that ended no episode is left out of its curve. The steps are those of the largest budget of the
+    arm's runs on the task (a suite gives them all the same)."""
+    out: dict = {t: {} for t in tasks}
+    for arm, rows in used.items():
+        per_task, totals = defaultdict(list), defaultdict(list)
+        for r in rows:
+            total = read_json(os.path.join(r["dir"], "summary.json"))["total_timesteps"]
+            c = episode_curve(r["dir"], total, points)
+            if c is not None:
+                per_task[r["env_id"]].append(c)
+                totals[r["env_id"]].append(total)
+        for t, cs in per_task.items():
+            total = max(totals[t])
+            out[t][arm] = (np.linspace(total / points, total, points), np.array(cs, dtype=float))
+    return {t: per_arm for t, per_arm in out.items() if per_arm}
+
+
 def plasticity_curves(used: dict, points: int) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """{key: {arm: (steps, mean over runs)}}, each run's values averaged within `points` windows of its steps."""
     out: dict = defaultdict(dict)
@@ -151,11 +176,74 @@ def save(fig, out: str, name: str) -> list[str]:
     return paths
 
 
-def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", metrics=aggregate.METRICS) -> list[str]:
+def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", metrics=aggregate.METRICS,
+            per_task=None) -> list[str]:
+    """Write the figures; returns their paths. With `per_task` (task_curves, for a group of several tasks scored in
+    raw returns) the figures that pool tasks (aggregates, performance profile, sample-efficiency curves) are
+    replaced by per_task_curves: one panel per task, mean training return over runs per arm with the min-max band.
+    `poi` keys are "X,Y" pairs, or (task, "X,Y") for per-task probabilities of improvement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    arms, written = list(matrices), []
+    if per_task is None:
+        written += pooled_figures(plt, out, matrices, agg, curves, steps, label, prefix, metrics)
+    elif per_task:
+        cols = min(len(per_task), 3)
+        rows = -(-len(per_task) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+        colour = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+        for ax, (task, per_arm) in zip(axes.flat, per_task.items()):
+            for arm, (s, c) in per_arm.items():
+                ax.plot(s, c.mean(axis=0), color=colour[arm], label=f"{arm} ({len(c)} runs)")
+                ax.fill_between(s, c.min(axis=0), c.max(axis=0), color=colour[arm], alpha=0.2)
+            ax.set_title(task)
+            ax.set_xlabel("environment steps")
+            ax.legend(fontsize="small")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("training episodic return")
+        for ax in axes.flat[len(per_task):]:
+            ax.set_visible(False)
+        fig.suptitle("mean over runs (line), min-max over runs (band)", fontsize="medium")
+        fig.tight_layout()
+        written += save(fig, out, prefix + "per_task_curves")
+        plt.close(fig)
+
+    if plast:
+        fig, axes = plt.subplots(1, len(plast), figsize=(4 * len(plast), 3.5))
+        for ax, (key, per_arm) in zip(np.atleast_1d(axes), sorted(plast.items())):
+            for arm, (s, v) in per_arm.items():
+                ax.plot(s, v, label=arm)
+            ax.set_title(key.replace("plasticity/", ""))
+            ax.set_xlabel("environment steps")
+        np.atleast_1d(axes)[0].legend()
+        written += save(fig, out, prefix + "plasticity")
+        plt.close(fig)
+
+    if poi:
+        def name(key):
+            task, pair = key if isinstance(key, tuple) else (None, key)
+            x, y = pair.split(",")
+            return f"P({x} > {y})" + (f" on {task}" if task else "")
+
+        fig, ax = plt.subplots(figsize=(6, 0.6 * len(poi) + 1.5))
+        for i, (pair, (p, low, high)) in enumerate(poi.items()):
+            ax.barh(i, high - low, left=low, height=0.6, alpha=0.6)
+            ax.plot([p, p], [i - 0.3, i + 0.3], color="k")
+        ax.axvline(0.5, ls="--", color="gray")
+        ax.set_yticks(range(len(poi)), [name(k) for k in poi])
+        if per_task is not None:  # per task, P = 0 or 1 is common with few runs: keep its marker off the frame
+            ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("probability of improvement")
+        written += save(fig, out, prefix + "probability_of_improvement")
+        plt.close(fig)
+    return written
+
+
+def pooled_figures(plt, out, matrices, agg, curves, steps, label, prefix, metrics) -> list[str]:
+    """The figures that pool a group's tasks: aggregates, performance profile, sample-efficiency curves."""
     from rliable import plot_utils
 
     arms, written = list(matrices), []
@@ -196,28 +284,6 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", met
         ax.legend()
         written += save(fig, out, prefix + "sample_efficiency")
         plt.close(fig)
-
-    if plast:
-        fig, axes = plt.subplots(1, len(plast), figsize=(4 * len(plast), 3.5))
-        for ax, (key, per_arm) in zip(np.atleast_1d(axes), sorted(plast.items())):
-            for arm, (s, v) in per_arm.items():
-                ax.plot(s, v, label=arm)
-            ax.set_title(key.replace("plasticity/", ""))
-            ax.set_xlabel("environment steps")
-        np.atleast_1d(axes)[0].legend()
-        written += save(fig, out, prefix + "plasticity")
-        plt.close(fig)
-
-    if poi:
-        fig, ax = plt.subplots(figsize=(6, 0.6 * len(poi) + 1.5))
-        for i, (pair, (p, low, high)) in enumerate(poi.items()):
-            ax.barh(i, high - low, left=low, height=0.6, alpha=0.6)
-            ax.plot([p, p], [i - 0.3, i + 0.3], color="k")
-        ax.axvline(0.5, ls="--", color="gray")
-        ax.set_yticks(range(len(poi)), [f"P({p.split(',')[0]} > {p.split(',')[1]})" for p in poi])
-        ax.set_xlabel("probability of improvement")
-        written += save(fig, out, prefix + "probability_of_improvement")
-        plt.close(fig)
     return written
 
 
@@ -237,6 +303,25 @@ def task_groups(rows: list[dict]) -> list[list[str]]:
     for arm, tasks in sorted(tasks_of.items()):
         groups[tuple(sorted(tasks))].append(arm)
     return [arms for _, arms in sorted(groups.items())]
+
+
+def per_task_aggregates(matrices, tasks, used, metrics, reps, seed, h) -> list[str]:
+    """The aggregates table of a group of several tasks scored in raw returns: one row per (task, arm), each task's
+    metrics from its own (runs, 1) array, with the lowest and highest final score over runs and the mean SPS."""
+    lines = [f"{h} Per-task aggregates", "",
+             "Scores are raw returns, whose scale differs from task to task, so they are not pooled across tasks: "
+             "each task is aggregated on its own ((runs, 1) array per arm, same stratified bootstrap); min and max "
+             "are the lowest and highest final score over the runs.", "",
+             "| task | arm | runs | " + " | ".join(metrics) + " | min | max | mean SPS |",
+             "|---" * (len(metrics) + 6) + "|"]
+    for j, t in enumerate(tasks):
+        column = {arm: x[:, j:j + 1] for arm, x in matrices.items()}
+        agg = aggregate.aggregate(column, reps=reps, seed=seed)
+        for arm, x in column.items():
+            sps = [r.get("sps") for r in used.get(arm, []) if r["env_id"] == t and r.get("sps")]
+            lines.append(f"| {t} | {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in metrics)
+                         + f" | {x.min():.3f} | {x.max():.3f} |" + (f" {np.mean(sps):.0f} |" if sps else " — |"))
+    return lines
 
 
 def section(rows, out, compare, reps, seed, points, make_figures, published, prefix="", depth=2):
@@ -260,15 +345,21 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
              f"has no evaluation), {'normalised (utils/scores.py)' if normalise else 'raw returns (not every task has a normalisation reference)'}.", ""]
     if not matrices:
         return lines, excluded, 0
-    agg = aggregate.aggregate(matrices, reps=reps, seed=seed)
+    # Raw returns of tasks with different scales are not pooled into one aggregate: each task is reported alone
+    per_task = not normalise and len(tasks) > 1
     # The optimality gap is the shortfall below a normalised score of 1; raw returns have no such target
     metrics = aggregate.METRICS if normalise else tuple(m for m in aggregate.METRICS if m != "Optimality Gap")
-    lines += [f"{h} Aggregates", "", "| arm | runs per task | " + " | ".join(metrics) + " | mean SPS |",
-              "|---" * (len(metrics) + 3) + "|"]
-    for arm, x in matrices.items():
-        sps = [r.get("sps") for r in used.get(arm, []) if r.get("sps")]
-        lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in metrics)
-                     + (f" | {np.mean(sps):.0f} |" if sps else " | — |"))
+    if per_task:
+        agg = None
+        lines += per_task_aggregates(matrices, tasks, used, metrics, reps, seed, h)
+    else:
+        agg = aggregate.aggregate(matrices, reps=reps, seed=seed)
+        lines += [f"{h} Aggregates", "", "| arm | runs per task | " + " | ".join(metrics) + " | mean SPS |",
+                  "|---" * (len(metrics) + 3) + "|"]
+        for arm, x in matrices.items():
+            sps = [r.get("sps") for r in used.get(arm, []) if r.get("sps")]
+            lines.append(f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in metrics)
+                         + (f" | {np.mean(sps):.0f} |" if sps else " | — |"))
     if not normalise:
         lines += ["", "No optimality gap: it measures the shortfall below a normalised score of 1."]
     if published_notes:
@@ -284,14 +375,22 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
             pairs[pair] = (matrices[a], matrices[b])
         elif all(arm in group or arm.startswith("published:") for arm in (a, b)):
             lines += ["", f"Comparison {pair} skipped: an arm has no usable runs."]
-    if pairs:
+    if pairs and per_task:
+        poi = aggregate.probability_of_improvement(
+            {(t, k): (x[:, j:j + 1], y[:, j:j + 1]) for j, t in enumerate(tasks) for k, (x, y) in pairs.items()},
+            reps=reps, seed=seed)
+        lines += ["", f"{h} Probability of improvement per task", "",
+                  "Per task, as the aggregates: raw returns of different tasks are not pooled.", "",
+                  "| task | X, Y | P(X > Y) [95% CI] |", "|---|---|---|"]
+        lines += [f"| {t} | {k} | {fmt(v)} |" for (t, k), v in poi.items()]
+    elif pairs:
         poi = aggregate.probability_of_improvement(pairs, reps=reps, seed=seed)
         lines += ["", f"{h} Probability of improvement", "", "| X, Y | P(X > Y) [95% CI] |", "|---|---|"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
     if make_figures:
-        curves, steps = curve_matrices(used, tasks, normalise, points)
+        curves, steps = (None, None) if per_task else curve_matrices(used, tasks, normalise, points)
         written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix,
-                          metrics)
+                          metrics, per_task=task_curves(used, tasks, points) if per_task else None)
         lines += ["", f"{h} Figures", ""] + [f"- `{os.path.basename(p)}`" for p in written if p.endswith(".png")]
     return lines, excluded, sum(len(v) for v in used.values())
 

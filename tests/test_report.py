@@ -173,3 +173,53 @@ def test_arms_on_different_tasks_are_reported_per_group(tmp_path):
     assert "`ppo_broken__CartPole-v1__s1`: arm has no usable run on Acrobot-v1" in text
     for prefix in ("g1_", "g2_"):
         assert os.path.getsize(tmp_path / "out" / f"{prefix}aggregates.png") > 1000
+
+
+def test_raw_returns_of_several_tasks_are_reported_per_task(tmp_path):
+    """MinAtar has no normalisation reference: raw returns of games with very different scales are never pooled.
+    The aggregates and probability of improvement are per task ((runs, 1) arrays), and per_task_curves replaces
+    the figures that pool tasks."""
+    runs = tmp_path / "minatar" / "runs"
+    truth = {("base", "MinAtar-Breakout"): [2.0, 4.0, 6.0, 20.0],
+             ("method", "MinAtar-Breakout"): [30.0, 31.0, 35.0, 40.0],
+             ("base", "MinAtar-Asterix"): [1000.0, 1200.0, 1500.0, 3000.0],
+             ("method", "MinAtar-Asterix"): [100.0, 200.0, 300.0, 900.0]}
+    for (arm, t), values in truth.items():
+        for seed, value in enumerate(values, start=1):
+            write_run(str(runs), arm, t, seed, value)
+    out = tmp_path / "out"
+    path = report.report(str(tmp_path / "minatar"), str(out), compare=["method,base"], reps=100, points=5)
+    text = open(path).read()
+    lines = text.splitlines()
+    assert "| task | arm | runs | IQM | Median | Mean | min | max | mean SPS |" in text
+    assert "not pooled across tasks" in text
+    for (arm, t), values in truth.items():
+        x = np.array(values)
+        iqm = (np.sort(x)[1] + np.sort(x)[2]) / 2  # 4 runs: trim_mean(0.25) keeps the middle two
+        assert iqm == stats.trim_mean(x, 0.25)
+        row = next(line for line in lines if line.startswith(f"| {t} | {arm} | 4 |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[3].startswith(f"{iqm:.3f} [") and cells[5].startswith(f"{x.mean():.3f} ["), row
+        assert cells[6:] == [f"{x.min():.3f}", f"{x.max():.3f}", "1000"], row
+    # tasks sorted: Asterix, Breakout; the per-task means table holds the same hand-computed means
+    for arm in ("base", "method"):
+        means = [np.mean(truth[(arm, t)]) for t in ("MinAtar-Asterix", "MinAtar-Breakout")]
+        assert f"| {arm} | {means[0]:.3f} | {means[1]:.3f} |" in lines
+    # no pooled aggregate over the two games
+    assert "| arm | runs per task |" not in text and "### Aggregates" not in text and "## Aggregates" not in text
+    assert not any(line.startswith(("| base | 4 |", "| method | 4 |")) for line in lines)
+    # method beats base on every Breakout run pair and loses on every Asterix one
+    assert "| task | X, Y | P(X > Y) [95% CI] |" in text
+    assert "| MinAtar-Breakout | method,base | 1.000 [1.000, 1.000] |" in lines
+    assert "| MinAtar-Asterix | method,base | 0.000 [0.000, 0.000] |" in lines
+    assert not any(line.startswith("| method,base |") for line in lines)  # no pooled probability of improvement
+    assert os.path.getsize(out / "per_task_curves.png") > 1000 and os.path.getsize(out / "per_task_curves.pdf") > 1000
+    assert "- `per_task_curves.png`" in lines and "- `probability_of_improvement.png`" in lines
+    for name in ("aggregates", "performance_profile", "sample_efficiency"):
+        assert not (out / f"{name}.png").exists(), name
+    # the curves: episodes.csv binned into 5 windows; the last holds steps 800, 900, 1000 (returns 0.8-1.0 x score)
+    used = {arm: [r for r in collect(str(runs)) if r["arm"] == arm] for arm in ("base", "method")}
+    curves = report.task_curves(used, ["MinAtar-Asterix", "MinAtar-Breakout"], 5)
+    steps, c = curves["MinAtar-Asterix"]["base"]
+    assert steps.tolist() == [200, 400, 600, 800, 1000] and c.shape == (4, 5)
+    assert np.allclose(c[:, -1], 0.9 * np.array(truth[("base", "MinAtar-Asterix")]))
