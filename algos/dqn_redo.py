@@ -695,7 +695,8 @@ def run(args: Args) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     tasks, family = resolve_args(args)
-    run_name = args.run_name or f"{tasks[0] if len(tasks) == 1 else 'seq'}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    label = tasks[0].replace("/", "-") if len(tasks) == 1 else "seq"  # MinAtar/Breakout: a name, not a path
+    run_name = args.run_name or f"{label}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "config.json"), {

@@ -112,3 +112,22 @@ def test_script_imports_nothing_from_the_repo(name):
 
 def test_there_are_scripts():
     assert SCRIPTS, f"no scripts found in {ALGOS_DIR}"
+
+
+@pytest.mark.parametrize("name", ["dqn.py", "ppo.py"])
+def test_minatar_runs_alone(name, tmp_path):
+    """The MinAtar family (the `minatar` package through MinAtarVecEnv) also runs from a copy of the script alone,
+    with the smoke suite's MinAtar arm of that script."""
+    from benchmark.launch import load_suite
+
+    arm = next(r for r in load_suite("smoke")[1] if r.script == name and r.env_id.startswith("MinAtar/"))
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(os.path.join(ALGOS_DIR, name), work / name)
+    env = isolated_env(str(tmp_path / "site"))
+    proc = run_script(name, ["--env-id", arm.env_id, *arm.flags, "--output-dir", str(work / "runs")], cwd=str(work),
+                      env=env)
+    assert proc.returncode == 0, describe(proc)
+    summaries = glob.glob(str(work / "runs" / "*" / "summary.json"))
+    assert len(summaries) == 1 and read_json(summaries[0])["status"] == "completed"
+    assert read_json(os.path.join(os.path.dirname(summaries[0]), "config.json"))["family"] == "minatar"
