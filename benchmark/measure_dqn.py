@@ -4,6 +4,7 @@
     python benchmark/measure_dqn.py sps --cleanrl-dir DIR --cleanrl-python PY   # and CleanRL's dqn.py beside it
     python benchmark/measure_dqn.py atari-sps --env-id Breakout-v5            # training-phase SPS, paper defaults
     python benchmark/measure_dqn.py replay-memory            # fill a 1M-transition Atari buffer, report memory
+    python benchmark/measure_dqn.py minatar-breakdown --env-id MinAtar/Breakout   # env step, acting, update costs
 
 Each prints one JSON line per measurement. Runs go to a temporary directory unless --output-dir is given.
 """
@@ -84,7 +85,7 @@ def replay_memory(args):
 
     dqn = load_script("dqn")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rb = dqn.ReplayBuffer(args.capacity, args.num_envs, (4, 84, 84), np.uint8, pixel=True)
+    rb = dqn.ReplayBuffer(args.capacity, args.num_envs, (4, 84, 84), np.uint8, stacked=True)
     rng = np.random.default_rng(0)
     obs = rng.integers(0, 256, (args.num_envs, 4, 84, 84), dtype=np.uint8)
     zeros, ones = np.zeros(args.num_envs), np.ones(args.num_envs, dtype=bool)
@@ -102,6 +103,67 @@ def replay_memory(args):
                       "bytes_per_transition": round(nbytes / len(rb), 1), "peak_rss_mb_before": round(before),
                       "peak_rss_mb_after_fill": round(after), "fill_s": round(fill_s, 1),
                       "sample_batch32_ms": round(sample_ms, 3)}))
+
+
+def minatar_breakdown(args):
+    """Where a MinAtar training step's time goes at the family defaults (one env, one update per step): the
+    MinAtarVecEnv step, the greedy forward pass for one observation, and one gradient update (replay sample, TD
+    loss of online and target network, backward, fused Adam), each timed alone in this process on a replay memory
+    filled by random play. Medians over `--repeats` blocks of `--calls` calls, in microseconds."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    dqn = load_script("dqn")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    a = dqn.Args(env_id=args.env_id)
+    dqn.resolve_args(a)
+    envs = dqn.make_env(args.env_id, 1, dqn.env_seeds(0, 0, 0, 1), a)
+    obs_shape, n_actions = envs.observation_space.shape, int(envs.action_space.n)
+    q = dqn.QNetwork(obs_shape, n_actions, minatar=True)
+    target = dqn.QNetwork(obs_shape, n_actions, minatar=True)
+    target.load_state_dict(q.state_dict())
+    optimizer = torch.optim.Adam(q.parameters(), lr=a.learning_rate, eps=a.adam_eps, fused=True)
+    rb = dqn.ReplayBuffer(a.buffer_size, 1, obs_shape, np.uint8, False)
+    rng = np.random.default_rng(0)
+    obs, _ = envs.reset()
+    prev_done = np.zeros(1, dtype=bool)
+
+    def env_step():
+        nonlocal obs, prev_done
+        actions = rng.integers(0, n_actions, 1)
+        next_obs, reward, terminated, truncated, _ = envs.step(actions)
+        rb.add(obs, actions, reward, terminated, truncated, prev_done, ~prev_done)
+        obs, prev_done = next_obs, terminated | truncated
+
+    def act():
+        with torch.inference_mode():
+            q(torch.from_numpy(obs)).argmax(dim=1).cpu().numpy()
+
+    def update():
+        batch = dqn.to_torch(rb.sample(a.batch_size, rng, a.n_step, a.gamma), "cpu")
+        loss, _ = dqn.td_loss(q, target, *batch, a.loss)
+        loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.fill):
+        env_step()
+    out = {"env_id": args.env_id, "threads": torch.get_num_threads(), "obs_shape": list(obs_shape)}
+    for name, fn in (("env_step_and_replay_add_us", env_step), ("greedy_forward_us", act), ("update_us", update)):
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                fn()
+            times.append((time.perf_counter() - start) / args.calls * 1e6)
+        out[name] = round(statistics.median(times), 1)
+    step = out["env_step_and_replay_add_us"] + out["greedy_forward_us"] + out["update_us"]
+    out["implied_training_sps"] = round(1e6 / step)
+    print(json.dumps(out))
 
 
 def main():
@@ -127,6 +189,13 @@ def main():
     p.add_argument("--capacity", type=int, default=1_000_000)
     p.add_argument("--num-envs", type=int, default=1)
     p.set_defaults(func=replay_memory)
+    p = sub.add_parser("minatar-breakdown", help="per-part cost of a MinAtar training step at the family defaults")
+    p.add_argument("--env-id", default="MinAtar/Breakout")
+    p.add_argument("--fill", type=int, default=10_000, help="random steps stored before timing")
+    p.add_argument("--calls", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.set_defaults(func=minatar_breakdown)
     args = parser.parse_args()
     args.func(args)
 

@@ -211,3 +211,25 @@ def test_minatar_peer_runner_rejects_bad_input_in_one_line(tmp_path):
     proc = run_minatar_peer("--peer-file", tmp_path / "other.py", "--env-id", "MinAtar/Breakout", "--total-timesteps",
                             10)
     assert_one_line_error(proc, "does not look like MinAtar's examples/dqn.py", "dqn, NUM_FRAMES")
+
+
+def test_measure_dqn_minatar_breakdown_and_replay_memory_run():
+    """The MinAtar breakdown times its three parts and the Atari replay-memory command still builds its buffer
+    (both load algos/dqn.py; a renamed argument there would break them)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+
+    script = os.path.join(REPO_ROOT, "benchmark", "measure_dqn.py")
+    proc = subprocess.run([sys.executable, script, "minatar-breakdown", "--fill", "300", "--calls", "5",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["obs_shape"] == [4, 10, 10]
+    assert all(out[k] > 0 for k in ("env_step_and_replay_add_us", "greedy_forward_us", "update_us"))
+    proc = subprocess.run([sys.executable, script, "replay-memory", "--capacity", "2000"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["capacity"] == 2000
