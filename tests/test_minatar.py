@@ -262,3 +262,20 @@ def test_bad_minatar_input_is_a_one_line_error(tmp_path, script, args, fragments
     proc = run_script(script_path(script), [*args, "--output-dir", tmp_path], cwd=tmp_path)
     assert_one_line_error(proc, *fragments)
     assert not any(tmp_path.iterdir())  # no run directory: it failed before any work
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("dqn_redo", ["--total-timesteps", "500", "--learning-starts", "200", "--buffer-size", "1000",
+                  "--redo-period", "20", "--metrics-every", "50"]),
+    ("ppo_gtr", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
+    ("ppo_simplicial", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
+])
+def test_variants_run_on_minatar(tmp_path, script, flags):
+    """The carried MinAtar family runs end to end with each method (ReDo's recycles on the MinAtar CNN every 20
+    updates, GTR's and SEM's losses and layers on the ReLU MLPs)."""
+    proc = run_script(script_path(script), ["--env-id", "MinAtar/SpaceInvaders", *flags, "--eval-episodes", "1",
+                                            "--output-dir", tmp_path, "--run-name", "r", "--device", "cpu"],
+                      cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert read_json(tmp_path / "r" / "summary.json")["status"] == "completed"
+    assert read_json(tmp_path / "r" / "config.json")["family"] == "minatar"
