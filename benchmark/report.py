@@ -201,6 +201,7 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", met
                 ax.fill_between(s, c.min(axis=0), c.max(axis=0), color=colour[arm], alpha=0.2)
             ax.set_title(task)
             ax.set_xlabel("environment steps")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # long step counts would overlap
             ax.legend(fontsize="small")
         for ax in axes[:, 0]:
             ax.set_ylabel("training episodic return")
