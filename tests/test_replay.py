@@ -88,7 +88,8 @@ def make_breakout(dqn, protocol: str):
     import envpool
 
     if protocol == "dqn_make_env":  # the script's own protocol: no FIRE at reset, 1 no-op, sticky actions
-        args = dqn.Args(env_id="Breakout-v5", episodic_life=True, max_episode_steps=150, full_action_space=False)
+        args = dqn.Args(env_id="Breakout-v5", episodic_life=True, max_episode_steps=150, full_action_space=False,
+                        sticky_action_prob=0.25)
         return dqn.make_env("Breakout-v5", 2, [3, 4], args)
     # EnvPool's defaults (up to 30 no-ops, FIRE at reset), no sticky actions
     return envpool.make("Breakout-v5", env_type="gymnasium", num_envs=2, seed=[3, 4], episodic_life=True,
