@@ -292,8 +292,8 @@ def resolve_args(args: Args):
             spec = MinAtarVecEnv(MINATAR_GAMES[task], 1, [0], 0.0, args.full_action_space, len(tasks) > 1)
         else:
             spec = envpool.make_spec(task)
-        if not minatar and "full_action_space" in spec.config._fields:  # Atari: the action set is a make() option
-            spec = envpool.make_spec(task, full_action_space=args.full_action_space)
+            if "full_action_space" in spec.config._fields:  # Atari: the action set is a make() option
+                spec = envpool.make_spec(task, full_action_space=args.full_action_space)
         obs_shape = flat_obs_shape(spec.observation_space)
         if obs_shape is None:
             raise UserError(f"ppo.py supports vector, Dict or stacked-image (uint8) observations; {task} has "

@@ -5,6 +5,7 @@
     python benchmark/measure_dqn.py atari-sps --env-id Breakout-v5            # training-phase SPS, paper defaults
     python benchmark/measure_dqn.py replay-memory            # fill a 1M-transition Atari buffer, report memory
     python benchmark/measure_dqn.py minatar-breakdown --env-id MinAtar/Breakout   # env step, acting, update costs
+    python benchmark/measure_dqn.py minatar-random           # random-policy returns of the five MinAtar games
 
 Each prints one JSON line per measurement. Runs go to a temporary directory unless --output-dir is given.
 """
@@ -163,7 +164,38 @@ def minatar_breakdown(args):
         out[name] = round(statistics.median(times), 1)
     step = out["env_step_and_replay_add_us"] + out["greedy_forward_us"] + out["update_us"]
     out["implied_training_sps"] = round(1e6 / step)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        batch = dqn.to_torch(rb.sample(a.batch_size, rng, a.n_step, a.gamma), "cpu")
+        dqn.td_loss(q, target, *batch, a.loss)[0].backward()
+    out["update_mflop"] = round(counter.get_total_flops() / 1e6, 1)
     print(json.dumps(out))
+    if args.profile:  # the update's operators, for "where the time goes" (docs/dqn.md, MinAtar speed)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.calls):
+                update()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def minatar_random(args):
+    """Returns of a uniform-random policy over all 6 actions through the script's MinAtarVecEnv (MinAtar's sticky
+    actions 0.1, no cap), `--episodes` per game (one env, seed 0): mean and standard error."""
+    import numpy as np
+
+    dqn = load_script("dqn")
+    for env_id, episodes in zip(dqn.MINATAR_GAMES, args.episodes):
+        envs = dqn.MinAtarVecEnv(dqn.MINATAR_GAMES[env_id], 1, dqn.env_seeds(0, 0, 0, 1), 0.1, True, False)
+        stats, rng, prev_done, returns = dqn.EpisodeStats(1), np.random.default_rng(0), np.zeros(1, bool), []
+        envs.reset()
+        while len(returns) < episodes:
+            _, reward, terminated, truncated, info = envs.step(rng.integers(0, 6, 1))
+            returns += [r for _, r, _ in stats.update(reward, terminated, truncated, info, ~prev_done)[1]]
+            prev_done = terminated | truncated
+        print(json.dumps({"env_id": env_id, "episodes": episodes, "mean_return": round(float(np.mean(returns)), 3),
+                          "stderr": round(float(np.std(returns) / np.sqrt(len(returns))), 3)}))
 
 
 def main():
@@ -195,7 +227,12 @@ def main():
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of --calls updates")
     p.set_defaults(func=minatar_breakdown)
+    p = sub.add_parser("minatar-random", help="random-policy returns of the MinAtar games")
+    p.add_argument("--episodes", type=int, nargs=5, default=[1000, 1000, 200, 1000, 1000],
+                   help="episodes per game, in the order Asterix Breakout Freeway Seaquest SpaceInvaders")
+    p.set_defaults(func=minatar_random)
     args = parser.parse_args()
     args.func(args)
 

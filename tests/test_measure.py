@@ -229,6 +229,14 @@ def test_measure_dqn_minatar_breakdown_and_replay_memory_run():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["obs_shape"] == [4, 10, 10]
     assert all(out[k] > 0 for k in ("env_step_and_replay_add_us", "greedy_forward_us", "update_us"))
+    assert 30 < out["update_mflop"] < 60  # hand count: ~11 MFLOP per forward of 32 grids, 2 forwards + backward
+    proc = subprocess.run([sys.executable, script, "minatar-random", "--episodes", "3", "3", "1", "3", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["env_id"] for r in rows] == ["MinAtar/Asterix", "MinAtar/Breakout", "MinAtar/Freeway",
+                                           "MinAtar/Seaquest", "MinAtar/SpaceInvaders"]
+    assert [r["episodes"] for r in rows] == [3, 3, 1, 3, 3] and all(r["mean_return"] >= 0 for r in rows)
     proc = subprocess.run([sys.executable, script, "replay-memory", "--capacity", "2000"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
