@@ -20,7 +20,7 @@ from helpers import (
 )
 
 GAMES = ["MinAtar/Asterix", "MinAtar/Breakout", "MinAtar/Freeway", "MinAtar/Seaquest", "MinAtar/SpaceInvaders"]
-FAMILY = ["dqn", "dqn_redo", "ppo", "ppo_gtr", "ppo_simplicial"]
+FAMILY = ["dqn", "dqn_redo", "dqn_hlgauss", "dqn_gap", "ppo", "ppo_gtr", "ppo_simplicial"]
 
 
 @pytest.fixture(scope="module")
