@@ -203,7 +203,7 @@ MINATAR_GAMES = {"MinAtar/Asterix": "asterix", "MinAtar/Breakout": "breakout", "
                  "MinAtar/Seaquest": "seaquest", "MinAtar/SpaceInvaders": "space_invaders"}
 MINATAR_CHANNELS = 10  # the most any game has (Seaquest): task sequences pad every game to it
 # HL-Gauss: the support [v_min, v_max] per family (docs/dqn_hlgauss.md, detail 4), and on Atari the classification
-# arms' Adam (the paper's Table B.1 gives them C51's learning rate and epsilon; its MSE baseline keeps Dopamine DQN's).
+# arms' Adam (the paper's hyperparameter tables give them C51's learning rate and epsilon; its MSE arm keeps DQN's).
 HL_SUPPORT = {"atari": (-10.0, 10.0), "minatar": (-100.0, 100.0), "vector": (-100.0, 100.0)}
 HL_ATARI_ADAM = dict(learning_rate=2.5e-4, adam_eps=3.125e-4)
 
@@ -761,7 +761,8 @@ def run(args: Args) -> dict:
                 raise UserError(f"the checkpoint's network takes observations {tuple(checkpoint['obs_shape'])} and "
                                 f"{checkpoint['n_actions']} actions; {tasks[0]} has {tuple(obs_shape)} and {n_actions}")
             saved = {key: checkpoint["args"].get(key) for key in ("value_loss", "num_bins", "v_min", "v_max")}
-            if args.value_loss == "mse" or saved["value_loss"] == "mse":  # HL-Gauss: the head must match
+            saved["value_loss"] = saved["value_loss"] or "mse"  # HL-Gauss: the head must match; dqn.py's is mse
+            if args.value_loss == "mse" or saved["value_loss"] == "mse":
                 saved = {"value_loss": saved["value_loss"]}
             if any(getattr(args, key) != value for key, value in saved.items()):
                 raise UserError("the checkpoint's value head differs from the flags: pass " + " ".join(

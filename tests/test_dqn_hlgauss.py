@@ -213,6 +213,12 @@ def test_minatar_and_atari_runs_and_checkpoint_round_trip(hl, tmp_path):
     assert_one_line_error(wrong, "value head", "--v-max 100.0")
     with pytest.raises(hl.UserError, match="--value-loss hl-gauss"):
         run_in_process(hl, tmp_path, "wrong2", "MinAtar/SpaceInvaders", eval_checkpoint=model, value_loss="mse")
+    # a dqn.py checkpoint is an mse head: it evaluates with --value-loss mse and is refused by a histogram head
+    base = run_in_process(load_script("dqn"), tmp_path, "base", "MinAtar/SpaceInvaders", save_model=True)
+    base_model = os.path.join(base, "model.pt")
+    run_in_process(hl, tmp_path, "eval_base", "MinAtar/SpaceInvaders", eval_checkpoint=base_model, value_loss="mse")
+    with pytest.raises(hl.UserError, match="--value-loss mse"):
+        run_in_process(hl, tmp_path, "wrong3", "MinAtar/SpaceInvaders", eval_checkpoint=base_model)
     atari = run_in_process(hl, tmp_path, "atari", "Breakout-v5", metrics_every=10, log_every=10)
     config = read_json(os.path.join(atari, "config.json"))["args"]
     assert (config["learning_rate"], config["adam_eps"], config["v_max"]) == (2.5e-4, 3.125e-4, 10.0)
