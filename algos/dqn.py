@@ -470,7 +470,12 @@ class QNetwork(nn.Module):
     One nn.Sequential whose hidden layers are (Linear|Conv2d, ReLU) pairs, so interventions and diagnostics can
     walk it (`hidden_layers`); `forward(x, return_hidden=True)` also returns every ReLU output."""
 
-    def __init__(self, obs_shape: tuple, n_actions: int, minatar: bool = False):
+    def __init__(  # one parameter per line: an intervention adds its own (docs/conventions.md, section 9)
+        self,
+        obs_shape: tuple,
+        n_actions: int,
+        minatar: bool = False,
+    ):
         super().__init__()
         self.pixel = len(obs_shape) == 3 and not minatar  # Atari frames: uint8 scaled by 1/255 in forward
         if minatar:  # 0/1 grids, used as they are; PyTorch default init as the MinAtar paper's code (detail 13)
@@ -671,8 +676,9 @@ def run(args: Args) -> dict:
     try:
         envs = make_env(tasks[0], args.num_envs, env_seeds(args.seed, 0, 0, args.num_envs), args)
         obs_shape, n_actions = envs.observation_space.shape, int(envs.action_space.n)
-        q_network = QNetwork(obs_shape, n_actions, family == "minatar").to(device)
-        target_network = QNetwork(obs_shape, n_actions, family == "minatar").to(device)
+        network = dict(minatar=family == "minatar")  # QNetwork's settings; an intervention adds its own below
+        q_network = QNetwork(obs_shape, n_actions, **network).to(device)
+        target_network = QNetwork(obs_shape, n_actions, **network).to(device)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):

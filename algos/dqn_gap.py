@@ -502,8 +502,14 @@ class QNetwork(nn.Module):
     `flatten` was, after the last conv ReLU, and `width` multiplies every conv layer's channel count; the dense
     layers keep their widths. The defaults build dqn.py's network."""
 
-    def __init__(self, obs_shape: tuple, n_actions: int, minatar: bool = False, bottleneck: str = "flatten",
-                 width: int = 1):
+    def __init__(  # one parameter per line: an intervention adds its own (docs/conventions.md, section 9)
+        self,
+        obs_shape: tuple,
+        n_actions: int,
+        minatar: bool = False,
+        bottleneck: str = "flatten",  # Mind the GAP (docs/dqn_gap.md, details 1-3)
+        width: int = 1,
+    ):
         super().__init__()
         self.pixel = len(obs_shape) == 3 and not minatar  # Atari frames: uint8 scaled by 1/255 in forward
         gap = bottleneck == "gap"  # the bottleneck: docs/dqn_gap.md, detail 1
@@ -706,9 +712,10 @@ def run(args: Args) -> dict:
     try:
         envs = make_env(tasks[0], args.num_envs, env_seeds(args.seed, 0, 0, args.num_envs), args)
         obs_shape, n_actions = envs.observation_space.shape, int(envs.action_space.n)
-        q_network = QNetwork(obs_shape, n_actions, family == "minatar", args.bottleneck, args.encoder_width).to(device)
-        target_network = QNetwork(obs_shape, n_actions, family == "minatar", args.bottleneck,
-                                  args.encoder_width).to(device)
+        network = dict(minatar=family == "minatar")  # QNetwork's settings; an intervention adds its own below
+        network.update(bottleneck=args.bottleneck, width=args.encoder_width)  # Mind the GAP
+        q_network = QNetwork(obs_shape, n_actions, **network).to(device)
+        target_network = QNetwork(obs_shape, n_actions, **network).to(device)
         # parameter counts, once: the whole network and the bottleneck, fc1 with its bias (docs/dqn_gap.md, detail 5)
         summary.update(params=sum(p.numel() for p in q_network.parameters()),
                        bottleneck_params=sum(p.numel() for p in q_network.net.fc1.parameters()))

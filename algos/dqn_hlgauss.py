@@ -495,8 +495,17 @@ class QNetwork(nn.Module):
     One nn.Sequential whose hidden layers are (Linear|Conv2d, ReLU) pairs, so interventions and diagnostics can
     walk it (`hidden_layers`); `forward(x, return_hidden=True)` also returns every ReLU output."""
 
-    def __init__(self, obs_shape: tuple, n_actions: int, minatar: bool = False, value_loss: str = "mse",
-                 num_bins: int = 51, v_min: float = -10.0, v_max: float = 10.0, sigma_ratio: float = 0.75):
+    def __init__(  # one parameter per line: an intervention adds its own (docs/conventions.md, section 9)
+        self,
+        obs_shape: tuple,
+        n_actions: int,
+        minatar: bool = False,
+        value_loss: str = "mse",  # HL-Gauss value head (docs/dqn_hlgauss.md, detail 1)
+        num_bins: int = 51,
+        v_min: float = -10.0,
+        v_max: float = 10.0,
+        sigma_ratio: float = 0.75,
+    ):
         super().__init__()
         # HL-Gauss (docs/dqn_hlgauss.md, detail 1): num_bins logits per action; bin edges and centres of the support
         self.value_loss, self.bins = value_loss, 1 if value_loss == "mse" else num_bins
@@ -752,9 +761,11 @@ def run(args: Args) -> dict:
     try:
         envs = make_env(tasks[0], args.num_envs, env_seeds(args.seed, 0, 0, args.num_envs), args)
         obs_shape, n_actions = envs.observation_space.shape, int(envs.action_space.n)
-        head = (args.value_loss, args.num_bins, args.v_min, args.v_max, args.sigma_ratio)  # HL-Gauss value head
-        q_network = QNetwork(obs_shape, n_actions, family == "minatar", *head).to(device)
-        target_network = QNetwork(obs_shape, n_actions, family == "minatar", *head).to(device)
+        network = dict(minatar=family == "minatar")  # QNetwork's settings; an intervention adds its own below
+        network.update(value_loss=args.value_loss, num_bins=args.num_bins, v_min=args.v_min, v_max=args.v_max,
+                       sigma_ratio=args.sigma_ratio)  # HL-Gauss value head
+        q_network = QNetwork(obs_shape, n_actions, **network).to(device)
+        target_network = QNetwork(obs_shape, n_actions, **network).to(device)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):

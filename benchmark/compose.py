@@ -53,7 +53,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 BASE_RE = re.compile(r"^[ \t]*Base script:[ \t]*`?(?P<path>[\w./-]+\.py)`?", re.MULTILINE)
-TITLE_RE = re.compile(r"^\s*(?P<algo>[^+]+?)\s*\+\s*(?P<method>.+?)\s+on\s+(?P<where>[\w-]+)\s*\.")
+TITLE_RE = re.compile(r"^\s*(?P<algo>[^+]+?)\s*\+\s*(?P<method>.+?)\s+on\s+(?P<where>[\w-]+)\s*[.:]")  # "." or a composed ":"
 
 
 class ComposeError(Exception):
@@ -423,7 +423,7 @@ def composed_docstring(a: Script, b: Script, base: Script, base_path: str, out: 
     algo_where = _algo_and_where(a) or _algo_and_where(b)
     algo = algo_where[0] if algo_where else base.name.upper()
     where = f" on {algo_where[1]}" if algo_where else ""
-    lines = [f'"""{algo} + {methods[0]} + {methods[1]}{where}: two interventions composed by benchmark/compose.py.', "",
+    lines = [f'"""{algo} + {methods[0]} + {methods[1]}{where}: composed by benchmark/compose.py.', "",
              f"This script is {base_path} with the differences of {a.shown} and of {b.shown}, merged three-way "
              f"(docs/conventions.md, section 9). Both methods are on by default, each with its own flags and "
              f"defaults; each one's flags switch it off as in its own script."]

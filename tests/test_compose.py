@@ -83,6 +83,24 @@ def off_switch(script: str) -> dict:
     return {key: value for parent in sorted(parents) for key, value in off_switch(parent).items()}
 
 
+COMPOSED = [name for name in algo_scripts() if composed_from(name)]  # composed scripts committed to algos/
+
+
+@pytest.mark.parametrize("script", COMPOSED)
+def test_committed_composition_is_up_to_date(script, tmp_path):
+    """A composed script in algos/ is exactly what the command writes from its parents today: a change to a parent
+    that was not carried into it (by composing again with --force) fails here."""
+    doc = " ".join(compose.read_script(os.path.join(ALGOS_DIR, script)).docstring.split())
+    a, b = re.search(r"composed from algos/(\w+\.py) and algos/(\w+\.py)", doc).groups()
+    out = tmp_path / "algos" / script  # an algos/ directory, so the docstring names it algos/<script>
+    out.parent.mkdir()
+    assert compose.main([os.path.join(ALGOS_DIR, a), os.path.join(ALGOS_DIR, b), "-o", str(out)]) == 0
+    with open(os.path.join(ALGOS_DIR, script)) as f:
+        assert out.read_text() == f.read(), (
+            f"algos/{script} differs from a fresh composition: python -m benchmark.compose algos/{a} algos/{b} "
+            f"-o algos/{script} --force")
+
+
 def documented_pairs() -> dict[tuple[str, str], tuple[str, str]]:
     """The table of docs/conventions.md, section 9: (A, B) -> ("clean" or "conflict", the row)."""
     with open(os.path.join(REPO_ROOT, "docs", "conventions.md")) as f:
@@ -337,8 +355,8 @@ def test_insertions_at_one_place_are_joined_a_then_b(tmp_path, capsys, engine):
         exec(compile(text, out, "exec"), namespace)
         # alpha then beta: (1 + 1) * 2 - 1 = 3; beta then alpha: (1 + 1 - 1) * 2 = 2
         assert namespace["run"](namespace["Args"]) == {"alpha": 3, "beta": 2}[first]
-        assert text.splitlines()[0] == f'"""Toy + {first.capitalize()} + {second.capitalize()} on tests: two ' \
-                                       f'interventions composed by benchmark/compose.py.'
+        assert text.splitlines()[0] == f'"""Toy + {first.capitalize()} + {second.capitalize()} on tests: composed by ' \
+                                       f'benchmark/compose.py.'
 
 
 def test_blank_line_placement_does_not_change_the_order(tmp_path):
