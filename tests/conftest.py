@@ -26,3 +26,14 @@ def pytest_configure(config):
 def dqn():
     """algos/dqn.py imported as a module."""
     return load_script("dqn")
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Tests that run a script in process with `torch_threads=1` (one thread per run: two oversubscribe a busy 2-core
+    machine) would leave this process at one thread; put its setting back after every test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -169,13 +169,6 @@ def run_in_process(module, tmp_path, name: str, env_id: str, flags: list[str], *
     return os.path.join(str(tmp_path), name)
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 BASE_RUNS: dict[str, bytes] = {}  # base script -> its episodes.csv on its first smoke arm (metrics off)
 
 

@@ -208,15 +208,6 @@ SMOKE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """The in-process runs use one torch thread (`--torch-threads 1`: on a busy 2-core machine two OpenMP threads per
-    run made them up to 50x slower); put this process's setting back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
     args = module.Args(env_id=env_id, **{**SMOKE[env_id], **changes}, device="cpu", torch_threads=1,
                        output_dir=str(tmp_path), run_name=name)

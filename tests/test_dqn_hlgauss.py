@@ -158,14 +158,6 @@ SMOKE = {  # the smoke arms of benchmark/suites/smoke.toml, a little longer
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """In-process runs use one torch thread (two per run oversubscribe a busy 2-core machine); restore it after."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
     args = module.Args(env_id=env_id, **{**SMOKE[env_id], **changes}, device="cpu", torch_threads=1,
                        output_dir=str(tmp_path), run_name=name)
