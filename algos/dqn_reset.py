@@ -749,7 +749,7 @@ def run(args: Args) -> dict:
             raise UserError(f"--reset-layers {args.reset_layers}: this network has {len(weighted_layers(q_network))} "
                             f"weighted layers ({', '.join(weighted_layers(q_network))})")
         planned_updates = int(max(args.total_timesteps - args.learning_starts, 0) * args.replay_ratio)
-        num_resets = 0
+        summary["num_resets"] = 0  # summary.json counts the resets
         target_network.load_state_dict(q_network.state_dict())
         optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
         rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype, family == "atari")
@@ -825,18 +825,21 @@ def run(args: Args) -> dict:
                         metrics_batch = to_torch(rb.sample(args.metrics_batch_size, metrics_rng, args.n_step, args.gamma), device)
                         for key, value in plasticity_metrics(q_network, target_network, metrics_batch, args.loss).items():
                             writer.add_scalar(key, value, global_step)
-                    if reset_due(num_updates, args.reset_period, planned_updates):  # resets (docs/dqn_reset.md, detail 6)
+                    # Resets, after the diagnostics of this update (docs/dqn_reset.md, detail 6)
+                    if reset_due(num_updates, args.reset_period, planned_updates):
                         if args.metrics_every:  # the diagnostics before and after, on one batch (detail 7)
-                            reset_batch = to_torch(rb.sample(args.metrics_batch_size, metrics_rng, args.n_step, args.gamma), device)
+                            reset_sample = rb.sample(args.metrics_batch_size, metrics_rng, args.n_step, args.gamma)
+                            reset_batch = to_torch(reset_sample, device)
                             before = plasticity_metrics(q_network, target_network, reset_batch, args.loss)
                         fresh = QNetwork(obs_shape, n_actions, **network).to(device)
                         reset = reset_network(q_network, fresh, optimizer, args.reset_layers, args.reset_shrink,
                                               args.reset_optimizer)
                         if args.reset_target:
                             target_network.load_state_dict(q_network.state_dict())
-                        num_resets += 1
-                        writer.add_scalar("reset/count", num_resets, global_step)
-                        print(f"global_step={global_step}, update {num_updates}: reset {num_resets} of {', '.join(reset)}")
+                        summary["num_resets"] += 1
+                        writer.add_scalar("reset/count", summary["num_resets"], global_step)
+                        print(f"global_step={global_step}, update {num_updates}: reset {summary['num_resets']}: "
+                              f"{', '.join(reset)}")
                         if args.metrics_every:
                             after = plasticity_metrics(q_network, target_network, reset_batch, args.loss)
                             for key in before:

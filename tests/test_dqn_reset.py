@@ -178,6 +178,7 @@ def test_resets_change_the_run_and_log_counts_and_before_after_diagnostics(dqn, 
         assert a.read() != b.read()  # a whole-network reset changes the run
     scalars = read_scalars(run_dir)
     assert scalars["reset/count"] == [(550, 1.0), (800, 2.0), (1050, 3.0)]
+    assert read_json(os.path.join(run_dir, "summary.json"))["num_resets"] == 3
     for key in ("plasticity/dormant_tau0.1", "plasticity/param_norm", "plasticity/srank", "plasticity/dormant_tau0/fc1"):
         assert [s for s, _ in scalars[f"reset/before/{key}"]] == [550, 800, 1050], key
         assert [s for s, _ in scalars[f"reset/after/{key}"]] == [550, 800, 1050], key

@@ -20,7 +20,7 @@ from helpers import (
 )
 
 GAMES = ["MinAtar/Asterix", "MinAtar/Breakout", "MinAtar/Freeway", "MinAtar/Seaquest", "MinAtar/SpaceInvaders"]
-FAMILY = ["dqn", "dqn_redo", "dqn_hlgauss", "dqn_gap", "ppo", "ppo_gtr", "ppo_simplicial"]
+FAMILY = ["dqn", "dqn_redo", "dqn_hlgauss", "dqn_gap", "dqn_reset", "ppo", "ppo_gtr", "ppo_simplicial"]
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +257,7 @@ def test_minatar_runs_are_deterministic(tmp_path, script):
     ("ppo", ["--env-ids", "CartPole-v1", "MinAtar/Breakout", "--steps-per-task", "512"], ("cannot mix MinAtar",)),
     ("sac", ["--env-id", "MinAtar/Breakout"], ("discrete actions", "sac.py")),
     ("sac_simplicial", ["--env-id", "MinAtar/Seaquest"], ("discrete actions",)),
+    ("sac_reset", ["--env-id", "MinAtar/Asterix"], ("discrete actions",)),
 ])
 def test_bad_minatar_input_is_a_one_line_error(tmp_path, script, args, fragments):
     proc = run_script(script_path(script), [*args, "--output-dir", tmp_path], cwd=tmp_path)

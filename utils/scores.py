@@ -24,7 +24,7 @@ CLASSIC_CONTROL_RANGES = {
 }
 
 _DMC_DOMAINS = ("AcrobotSwingup", "BallInCup", "Cartpole", "Cheetah", "Finger", "Fish", "Hopper", "Humanoid",
-                "Manipulator", "PendulumSwingup", "PointMass", "Reacher", "Swimmer", "Walker")
+                "Manipulator", "PendulumSwingup", "PointMass", "Quadruped", "Reacher", "Swimmer", "Walker")
 _human_random: dict | None = None
 
 
