@@ -33,6 +33,9 @@ def test_human_normalisation_maps_random_to_0_and_human_to_1():
 
 def test_other_families():
     assert scores.family("CheetahRun-v1") == "dmc" and scores.normalize("CheetahRun-v1", 500.0) == 0.5
+    # every DMC task of the suites is normalised (dmc.toml and resets-dmc.toml run QuadrupedRun-v1 and Swimmer)
+    for task in ("QuadrupedRun-v1", "SwimmerSwimmer15-v1", "HumanoidStand-v1", "FishSwim-v1"):
+        assert scores.family(task) == "dmc", task
     assert scores.family("CartPole-v1") == "classic" and scores.normalize("CartPole-v1", 500.0) == 1.0
     assert scores.normalize("Acrobot-v1", -500.0) == 0.0
     with pytest.raises(KeyError):
