@@ -34,8 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import aggregate, scores  # noqa: E402
 from utils.runs import collect, episode_curve, read_flags, read_json, read_scalars  # noqa: E402
 
+# The DQN and PPO families log one network's diagnostics; the SAC family logs them per network (docs/sac.md):
+# a figure shows the keys its runs have.
 PLASTICITY_KEYS = ("plasticity/dormant_tau0.1", "plasticity/grad_inactive_tau0.1", "plasticity/srank",
-                   "plasticity/feature_norm")
+                   "plasticity/feature_norm", "plasticity/qf1/dormant_tau0.1", "plasticity/qf1/grad_inactive_tau0.1",
+                   "plasticity/qf1/srank", "plasticity/actor/dormant_tau0.1")
 
 
 def score_matrices(rows: list[dict], normalise: bool):

@@ -88,6 +88,28 @@ def test_report_aggregates_equal_numpy(suite, tmp_path):
             assert os.path.getsize(os.path.join(out, f"{name}.{ext}")) > 1000, name
 
 
+def test_plasticity_figure_for_per_network_keys(tmp_path):
+    """SAC logs its diagnostics per network (plasticity/qf1/..., plasticity/actor/...): they get curves too."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = tmp_path / "sac" / "runs"
+    runs.mkdir(parents=True)
+    for arm in ("sac", "sac_reset"):
+        for seed in (1, 2):
+            run_dir = write_run(str(runs), arm, "Hopper-v4", seed, 100.0 + seed)
+            writer = SummaryWriter(run_dir)
+            for step in range(100, 1001, 100):
+                writer.add_scalar("plasticity/qf1/dormant_tau0.1", 0.1 if arm == "sac" else 0.3, step)
+            writer.close()
+    rows = [r for r in collect(str(runs)) if r["excluded"] is None]
+    curves = report.plasticity_curves({arm: [r for r in rows if r["arm"] == arm] for arm in ("sac", "sac_reset")}, 5)
+    assert set(curves) == {"plasticity/qf1/dormant_tau0.1"}
+    np.testing.assert_allclose(curves["plasticity/qf1/dormant_tau0.1"]["sac_reset"][1], 0.3)
+    out = str(tmp_path / "report")
+    report.report(str(tmp_path / "sac"), out, compare=["sac_reset,sac"], reps=100, points=5)
+    assert os.path.getsize(os.path.join(out, "plasticity.png")) > 1000
+
+
 def test_report_is_reproducible(suite, tmp_path):
     suite_dir, _ = suite
     a = open(report.report(suite_dir, str(tmp_path / "a"), ["method,base"], reps=200, make_figures=False)).read()
