@@ -98,3 +98,13 @@ def assert_diverged_cleanly(proc, run_dir: str) -> dict:
     assert "non-finite" in summary["error"]
     return summary
 
+
+def run_in_process(module, out_dir, name: str, env_id: str, settings: dict, **changes) -> str:
+    """Run a script's `run()` in this process (a subprocess costs ~6 s of imports) on the CPU with one torch thread:
+    `Args(env_id=env_id, **settings, **changes)`, outputs in `<out_dir>/<name>`. Returns that run directory. The
+    conftest.py fixture `restore_torch_threads` puts the test process's thread count back afterwards."""
+    args = module.Args(env_id=env_id, **{**settings, **changes}, device="cpu", torch_threads=1,
+                       output_dir=str(out_dir), run_name=name)
+    module.run(args)
+    return os.path.join(str(out_dir), name)
+

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+import helpers
 from helpers import assert_one_line_error, load_script, read_json, read_scalars, run_script, script_path
 
 GAP = script_path("dqn_gap")
@@ -209,10 +210,7 @@ SMOKE = {
 
 
 def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
-    args = module.Args(env_id=env_id, **{**SMOKE[env_id], **changes}, device="cpu", torch_threads=1,
-                       output_dir=str(tmp_path), run_name=name)
-    module.run(args)
-    return os.path.join(str(tmp_path), name)
+    return helpers.run_in_process(module, tmp_path, name, env_id, SMOKE[env_id], **changes)
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "MinAtar/Breakout"])

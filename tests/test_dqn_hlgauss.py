@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import helpers
 from helpers import (
     assert_one_line_error, assert_seed_determinism, describe, load_script, read_json, read_scalars, run_script,
     script_path,
@@ -159,10 +160,7 @@ SMOKE = {  # the smoke arms of benchmark/suites/smoke.toml, a little longer
 
 
 def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
-    args = module.Args(env_id=env_id, **{**SMOKE[env_id], **changes}, device="cpu", torch_threads=1,
-                       output_dir=str(tmp_path), run_name=name)
-    module.run(args)
-    return os.path.join(str(tmp_path), name)
+    return helpers.run_in_process(module, tmp_path, name, env_id, SMOKE[env_id], **changes)
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "MinAtar/Breakout"])
