@@ -745,9 +745,10 @@ def run(args: Args) -> dict:
             summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
                            checkpoint=args.eval_checkpoint)
             return summary
-        if args.reset_layers > len(weighted_layers(q_network)):  # resets: the layer count needs the network
-            raise UserError(f"--reset-layers {args.reset_layers}: this network has {len(weighted_layers(q_network))} "
-                            f"weighted layers ({', '.join(weighted_layers(q_network))})")
+        reset_candidates = weighted_layers(q_network)  # resets: the layer count needs the network
+        if args.reset_layers > len(reset_candidates):
+            raise UserError(f"--reset-layers {args.reset_layers}: this network has {len(reset_candidates)} "
+                            f"weighted layers ({', '.join(reset_candidates)})")
         planned_updates = int(max(args.total_timesteps - args.learning_starts, 0) * args.replay_ratio)
         summary["num_resets"] = 0  # summary.json counts the resets
         target_network.load_state_dict(q_network.state_dict())
