@@ -716,9 +716,12 @@ def run(args: Args) -> dict:
         network.update(bottleneck=args.bottleneck, width=args.encoder_width)  # Mind the GAP
         q_network = QNetwork(obs_shape, n_actions, **network).to(device)
         target_network = QNetwork(obs_shape, n_actions, **network).to(device)
-        # parameter counts, once: the whole network and the bottleneck, fc1 with its bias (docs/dqn_gap.md, detail 5)
+        # parameter counts, once: the whole network and the bottleneck, the layer that reads the pooled (or flattened)
+        # features, with its bias: fc1, or a vector task's first layer (docs/dqn_gap.md, detail 5)
+        names = list(q_network.net._modules)
+        bottleneck = q_network.net[next((i for i, name in enumerate(names) if name in ("pool", "flatten")), -1) + 1]
         summary.update(params=sum(p.numel() for p in q_network.parameters()),
-                       bottleneck_params=sum(p.numel() for p in q_network.net.fc1.parameters()))
+                       bottleneck_params=sum(p.numel() for p in bottleneck.parameters()))
         writer.add_scalar("gap/params", summary["params"], 0)
         writer.add_scalar("gap/bottleneck_params", summary["bottleneck_params"], 0)
         if args.eval_checkpoint:  # evaluation only

@@ -197,8 +197,11 @@ class Args:
     patch_size: int = 3
     """--tokenize per-patch: kernel and stride of the patch embedding (the code's `patch_size` (3, 3), VALID)"""
     patch_embedding: Optional[int] = None
-    """--tokenize per-patch: token size [default: Atari 64 (the code's `embedding_size` of NatureDQNMoE); MinAtar 16
-    (ours: the encoder's channel count)]"""
+    """--tokenize per-patch: token size [default: Atari 64 with the Nature encoder, 32 with Impala (the code's
+    `embedding_size` of NatureDQNMoE and ImpalaMoE); MinAtar 16 (ours: the encoder's channel count)]"""
+    encoder: Literal["nature", "impala"] = "nature"
+    """Atari: the conv encoder, dqn.py's Nature CNN or Dopamine's Impala encoder (16/32/32 channels, residual blocks;
+    `ImpalaMoE`, the paper's main DQN runs; docs/dqn_softmoe.md, detail 10)"""
 
 class UserError(Exception):
     """Bad input: reported as one line on stderr, exit status 2, no traceback."""
@@ -293,7 +296,9 @@ def resolve_args(args: Args):
     if args.expert_hidden is None:
         args.expert_hidden = 512 if family == "atari" else 128
     if args.patch_embedding is None:
-        args.patch_embedding = 64 if family == "atari" else 16
+        args.patch_embedding = (32 if args.encoder == "impala" else 64) if family == "atari" else 16
+    if args.encoder == "impala" and family != "atari":
+        raise UserError(f"--encoder impala is for Atari frames (84x84); {tasks[0]} keeps dqn.py's network")
     for name in ("num_experts", "expert_hidden", "patch_size", "patch_embedding"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
@@ -307,7 +312,9 @@ def resolve_args(args: Args):
     if family == "vector" and (args.moe_type != "none" or args.scaled_baseline):  # detail 7
         raise UserError(f"{tasks[0]} has vector observations and no conv feature map to tokenise: use --moe-type none "
                         "without --scaled-baseline (dqn.py), or a pixel or MinAtar task")
-    size = next(iter(spaces))[-1] - 2 if family == "minatar" else math.ceil(math.ceil(next(iter(spaces))[-1] / 4) / 2)
+    size = next(iter(spaces))[-1]  # the encoder's feature map: MinAtar VALID 3x3; Nature strides 4, 2, 1; Impala 2, 2, 2
+    size = size - 2 if family == "minatar" else math.ceil(size / 8) if args.encoder == "impala" else math.ceil(
+        math.ceil(size / 4) / 2)
     if args.moe_type != "none" and args.tokenize == "per-patch" and args.patch_size > size:
         raise UserError(f"--patch-size {args.patch_size} is larger than the encoder's {size}x{size} feature map")
     return tasks, family
@@ -544,6 +551,7 @@ class QNetwork(nn.Module):
         patch_size: int = 3,
         patch_embedding: int = 16,
         scaled_baseline: bool = False,
+        encoder: str = "nature",
     ):
         super().__init__()
         self.pixel = len(obs_shape) == 3 and not minatar  # Atari frames: uint8 scaled by 1/255 in forward
@@ -570,6 +578,8 @@ class QNetwork(nn.Module):
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
+        if encoder == "impala":  # SoftMoE: Dopamine's Impala encoder in place of the Nature CNN (docs/dqn_softmoe.md, 10)
+            self.net = impala_layers(self.net, obs_shape)
         if moe_type != "none" or scaled_baseline:  # SoftMoE: replace the penultimate dense layer (docs/dqn_softmoe.md)
             self.net = softmoe_layers(self.net, obs_shape, self.pixel, moe_type, num_experts, tokenize, expert_hidden,
                                       capacity_factor, softmoe_normalize, patch_size, patch_embedding)
@@ -662,20 +672,13 @@ def lecun_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
 class MoETokens(nn.Module):
     """The encoder's (N, C, H, W) map as (N, m, d) tokens, each example on its own (docs/dqn_softmoe.md, detail 2):
     per-conv m = H*W, d = C (position-major, as the code's HWC reshape); per-feature-map m = C, d = H*W; per-sample
-    m = 1, d = C*H*W; per-patch a conv (kernel = stride = patch, VALID, lecun_normal, no ReLU) to `embedding`
-    channels, then per-conv on its output."""
+    m = 1, d = C*H*W; per-patch as per-conv, on the output of the `patch` layer before it (softmoe_layers)."""
 
-    def __init__(self, mode: str, channels: int, patch_size: int, embedding: int):
+    def __init__(self, mode: str):
         super().__init__()
         self.mode = mode
-        if mode == "per-patch":
-            self.embedding = nn.Conv2d(channels, embedding, patch_size, patch_size)
-            lecun_normal_(self.embedding.weight, channels * patch_size * patch_size)
-            nn.init.zeros_(self.embedding.bias)
 
     def forward(self, x):
-        if self.mode == "per-patch":
-            x = self.embedding(x)
         if self.mode == "per-feature-map":
             return x.flatten(2)
         if self.mode == "per-sample":
@@ -794,6 +797,56 @@ class MoETokenMean(nn.Module):
         return x.mean(dim=1)
 
 
+class ImpalaStack(nn.Module):
+    """One stack of Dopamine's Impala encoder (`dopamine/jax/networks.py` `Stack`): a 3x3 conv (SAME, xavier_uniform),
+    a 3x3 max-pool of stride 2 (SAME: -inf padding, the extra row and column after), then `blocks` residual blocks
+    x + conv(relu(conv(relu(x)))) (3x3 SAME convs with flax's default lecun_normal); zero biases (detail 10)."""
+
+    def __init__(self, in_channels: int, channels: int, size: int, blocks: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, 1, padding=1)
+        nn.init.xavier_uniform_(self.conv.weight)
+        lo, hi = same_padding(size, 3, 2)
+        self.pool = nn.Sequential(nn.ConstantPad2d((lo, hi, lo, hi), float("-inf")), nn.MaxPool2d(3, 2))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, padding=1), nn.ReLU(),
+                                                  nn.Conv2d(channels, channels, 3, 1, padding=1)) for _ in range(blocks))
+        for block in self.blocks:
+            for conv in (block[1], block[3]):
+                lecun_normal_(conv.weight, channels * 9)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        x = self.pool(self.conv(x))
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def impala_layers(net: nn.Sequential, obs_shape: tuple) -> nn.Sequential:
+    """dqn.py's Atari network with the Nature encoder replaced by Dopamine's Impala encoder (stacks of 16, 32, 32
+    channels, two residual blocks each, a final ReLU; `ImpalaEncoder` with nn_scale 1): 84x84 -> 42 -> 21 -> 11, so
+    32 x 11 x 11 features (121 per-conv tokens of 32). The dense layer `fc1` is rebuilt for the new input (xavier,
+    zero bias). One `impala` module: its residual units are not (layer, ReLU) pairs of the Sequential, so the
+    plasticity/ diagnostics do not see them (docs/dqn_softmoe.md, detail 10)."""
+    layers = OrderedDict(net.named_children())
+    names = list(layers)
+    link = next(name for name in names if name in ("flatten", "pool"))
+    stacks, (c, size) = [], (obs_shape[0], obs_shape[1])
+    for channels in (16, 32, 32):
+        stacks.append(ImpalaStack(c, channels, size))
+        c, size = channels, math.ceil(size / 2)
+    encoder = nn.Sequential(*stacks, nn.ReLU())
+    with torch.no_grad():
+        features = layers[link](encoder(torch.zeros(1, *obs_shape))).shape[1]
+    fc1 = nn.Linear(features, layers["fc1"].out_features)
+    nn.init.xavier_uniform_(fc1.weight)
+    nn.init.zeros_(fc1.bias)
+    rest = [(name, fc1 if name == "fc1" else layers[name]) for name in names[names.index(link):]]
+    return nn.Sequential(OrderedDict([("impala", encoder), *rest]))
+
+
 def softmoe_layers(net: nn.Sequential, obs_shape: tuple, pixel: bool, moe_type: str, experts: int, tokenize: str,
                    hidden: int, capacity: float, normalize: bool, patch_size: int, embedding: int) -> nn.Sequential:
     """dqn.py's network with its penultimate dense layer replaced (docs/dqn_softmoe.md, details 1-6): the encoder
@@ -812,9 +865,13 @@ def softmoe_layers(net: nn.Sequential, obs_shape: tuple, pixel: bool, moe_type: 
             nn.init.zeros_(layer.bias)
         return nn.Sequential(layers)
     encoder = nn.Sequential(OrderedDict((name, layers[name]) for name in names[: names.index(link)]))
-    with torch.no_grad():
+    if tokenize == "per-patch":  # the patch embedding: a conv, kernel = stride = patch, VALID, no ReLU (detail 2)
         channels = encoder(torch.zeros(1, *obs_shape)).shape[1]
-        tokenizer = MoETokens(tokenize, channels, patch_size, embedding)
+        encoder.add_module("patch", nn.Conv2d(channels, embedding, patch_size, patch_size))
+        lecun_normal_(encoder.patch.weight, channels * patch_size * patch_size)  # flax Conv's default (detail 6)
+        nn.init.zeros_(encoder.patch.bias)
+    tokenizer = MoETokens(tokenize)
+    with torch.no_grad():
         m, d = tokenizer(encoder(torch.zeros(1, *obs_shape))).shape[1:]
     slots = math.ceil(m * capacity / experts)  # ceil, as the code (one slot per expert for a single token)
     shared = {}
@@ -977,7 +1034,7 @@ def run(args: Args) -> dict:
                        expert_hidden=args.expert_hidden // (args.num_experts if args.divide_expert_width else 1),
                        capacity_factor=args.capacity_factor, softmoe_normalize=args.softmoe_normalize,
                        patch_size=args.patch_size, patch_embedding=args.patch_embedding,
-                       scaled_baseline=args.scaled_baseline)
+                       scaled_baseline=args.scaled_baseline, encoder=args.encoder)
         q_network = QNetwork(obs_shape, n_actions, **network).to(device)
         target_network = QNetwork(obs_shape, n_actions, **network).to(device)
         summary.update(params=sum(p.numel() for p in q_network.parameters()))  # SoftMoE (docs/dqn_softmoe.md, 9)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import tyro
 
+import helpers
 from helpers import assert_one_line_error, load_script, read_json, read_scalars, run_script, script_path
 
 SOFTMOE = script_path("dqn_softmoe")
@@ -162,14 +163,15 @@ def test_tokenisations_and_slot_counts(moe):
     for tokenize, (m, d) in expected.items():
         torch.manual_seed(0)
         q = moe.QNetwork(MINATAR_OBS, 6, True, moe_type="softmoe", num_experts=8, tokenize=tokenize, expert_hidden=8)
-        tokens = q.net.tokens(q.net.act1(q.net.conv1(torch.zeros(2, *MINATAR_OBS))))
+        names = list(q.net._modules)
+        tokens = q.net[: names.index("tokens") + 1](torch.zeros(2, *MINATAR_OBS))
         assert tuple(tokens.shape) == (2, m, d)
         assert tuple(q.net.router.phi.shape) == (d, 8, math.ceil(m / 8))
         assert q.net.q.in_features == m * d  # the head reads the flattened output tokens (networks.py)
     x = torch.arange(2 * 16 * 8 * 8, dtype=torch.float32).view(2, 16, 8, 8)
-    per_conv = moe.MoETokens("per-conv", 16, 3, 16)(x)
+    per_conv = moe.MoETokens("per-conv")(x)
     assert torch.equal(per_conv[1, 8 * 2 + 5], x[1, :, 2, 5])  # token = position (row-major), features = channels
-    assert torch.equal(moe.MoETokens("per-feature-map", 16, 3, 16)(x)[1, 7], x[1, 7].flatten())
+    assert torch.equal(moe.MoETokens("per-feature-map")(x)[1, 7], x[1, 7].flatten())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,6 +245,53 @@ def test_diagnostics_and_moe_metrics_on_the_moe_network(moe):
     assert moe.moe_metrics(moe.QNetwork(MINATAR_OBS, 6, True), obs) == {}
 
 
+def test_expert_layers_hold_one_column_per_hidden_unit(moe):
+    """MoEExpertsIn/Out lay the experts out as one layer of experts * hidden units (rows of the first weight, columns
+    of the second), as ReDo and the diagnostics read a layer: zeroing column e*h + j of experts_fc2 gives exactly the
+    output of the network with expert e's hidden unit j forced to 0, and changes nothing else."""
+    d, experts, m, hidden = 3, 2, 5, 4
+    soft = layer(moe, "softmoe", d, experts, m, hidden)
+    x = torch.randn(3, m, d)
+    unit = 1 * hidden + 2  # expert 1, unit 2
+    with torch.no_grad():
+        soft[1].bias.fill_(0.1)  # every hidden unit active somewhere, so the masked unit matters
+        original = soft(x)
+        masked = soft[:3](x)
+        masked[:, unit] = 0.0
+        expected = soft[4](soft[3](masked))
+        assert not torch.allclose(original, expected)
+        soft[3].weight[:, unit] = 0.0
+        torch.testing.assert_close(soft(x), expected)
+    assert tuple(soft[1].weight.shape) == (experts * hidden, d) and tuple(soft[3].weight.shape) == (d, experts * hidden)
+    assert tuple(soft[3].bias.shape) == (experts * d,)  # one output bias per expert
+
+
+def test_impala_encoder(moe):
+    """Dopamine's ImpalaEncoder: 84 -> 42 -> 21 -> 11 with TF 'SAME' max-pools (the extra -inf row and column after:
+    the first window covers rows 0-2, not -1..1 as PyTorch's padding=1), x + conv(relu(conv(relu(x)))) blocks, a
+    final ReLU; 121 per-conv tokens of 32; hand parameter counts."""
+    stack = moe.ImpalaStack(1, 1, 84)
+    x = torch.randn(1, 1, 84, 84)
+    pooled = stack.pool(x)
+    assert tuple(pooled.shape) == (1, 1, 42, 42)
+    assert pooled[0, 0, 0, 0] == x[0, 0, :3, :3].max() and pooled[0, 0, 41, 41] == x[0, 0, 82:, 82:].max()
+    with torch.no_grad():  # with the blocks' second convs at zero, each block adds nothing: pool(conv(x))
+        for block in stack.blocks:
+            block[3].weight.zero_()
+        torch.testing.assert_close(stack(x), stack.pool(stack.conv(x)))
+    torch.manual_seed(0)
+    q = moe.QNetwork(NATURE_OBS, 6, False, moe_type="softmoe", num_experts=8, expert_hidden=512, encoder="impala")
+    names = list(q.net._modules)
+    assert names[0] == "impala" and q.hidden_layers() == ["experts_fc1"]
+    tokens = q.net[: names.index("tokens") + 1](torch.zeros(2, *NATURE_OBS))
+    assert tuple(tokens.shape) == (2, 121, 32) and tuple(q.net.router.phi.shape) == (32, 8, math.ceil(121 / 8))
+    conv = lambda c_in, c_out: c_in * c_out * 9 + c_out  # noqa: E731
+    encoder = sum(conv(a, b) + 4 * conv(b, b) for a, b in ((4, 16), (16, 32), (32, 32)))
+    assert n_params(q.net.impala) == encoder
+    dense = moe.QNetwork(NATURE_OBS, 6, False, moe_type="none", encoder="impala")
+    assert n_params(dense) == encoder + (121 * 32 * 512 + 512) + (512 * 6 + 6)  # Dopamine's ImpalaDQNNetwork
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Flags and bad input
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,7 +306,7 @@ def test_flags_parse_and_are_checked(moe):
     moe.resolve_args(moe.Args(env_id="CartPole-v1", moe_type="none"))
     for changes in ({"moe_type": "softmoe", "scaled_baseline": True}, {"num_experts": 0}, {"capacity_factor": 0.0},
                     {"divide_expert_width": True, "num_experts": 3}, {"tokenize": "per-patch", "patch_size": 9},
-                    {"env_id": "CartPole-v1", "moe_type": "none", "scaled_baseline": True}):
+                    {"env_id": "CartPole-v1", "moe_type": "none", "scaled_baseline": True}, {"encoder": "impala"}):
         with pytest.raises(moe.UserError):
             moe.resolve_args(moe.Args(**{"env_id": "MinAtar/Breakout", **changes}))
 
@@ -265,6 +314,7 @@ def test_flags_parse_and_are_checked(moe):
 @pytest.mark.parametrize("flags, fragments", [
     (["--env-id", "MinAtar/Breakout", "--num-experts", "0"], ("--num-experts must be >= 1",)),
     (["--env-id", "CartPole-v1"], ("CartPole-v1", "no conv feature map", "--moe-type none")),
+    (["--env-id", "MinAtar/Breakout", "--encoder", "impala"], ("--encoder impala is for Atari", "MinAtar/Breakout")),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, flags, fragments):
     proc = run_script(SOFTMOE, [*flags, "--total-timesteps", 1000, "--output-dir", tmp_path, "--device", "cpu"],
@@ -286,10 +336,7 @@ SMOKE = {  # the smoke arms of benchmark/suites/smoke.toml (dqn, dqn_minatar)
 
 
 def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
-    args = module.Args(env_id=env_id, **{**SMOKE[env_id], **changes}, device="cpu", torch_threads=1,
-                       output_dir=str(tmp_path), run_name=name)
-    module.run(args)
-    return os.path.join(str(tmp_path), name)
+    return helpers.run_in_process(module, tmp_path, name, env_id, SMOKE[env_id], **changes)
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "MinAtar/Breakout"])
