@@ -16,14 +16,16 @@ with a capacity and token dropping) and the dense layer widened by the number of
 Differences from the base script (`diff algos/dqn.py algos/dqn_softmoe.py` shows exactly these):
   - flags `--moe-type {softmoe,top1,none}` (default softmoe), `--num-experts`, `--tokenize`, `--expert-hidden`,
     `--divide-expert-width`, `--scaled-baseline`, `--capacity-factor`, `--softmoe-normalize`, `--patch-size`,
-    `--patch-embedding`, checked in `resolve_args` (vector tasks have no feature map: only `--moe-type none`);
-  - `QNetwork(..., moe_type, ...)`: after dqn.py's network is built, `softmoe_layers` replaces its dense layer
-    (MoETokens, SoftMoERouter or Top1Router, MoEExpertsIn/Out, MoECombine); `--moe-type none` without
+    `--patch-embedding`, `--encoder {nature,impala}`, checked in `resolve_args` (vector tasks have no feature map:
+    only `--moe-type none`; Impala is for Atari frames);
+  - `QNetwork(..., moe_type, ...)`: after dqn.py's network is built, `impala_layers` swaps in Dopamine's Impala
+    encoder (`--encoder impala`) and `softmoe_layers` replaces its dense layer (MoETokens, SoftMoERouter or
+    Top1Router, MoEExpertsIn/Out, MoECombine); `--moe-type none` with the Nature encoder and without
     `--scaled-baseline` builds dqn.py's network exactly and draws nothing more from the RNG;
   - `moe_metrics`: `moe/` routing and per-expert dormancy diagnostics on the metrics batch; the parameter count
     (`moe/params`, summary.json `params`); `--eval-checkpoint` refuses a checkpoint built with other network flags.
-Not implemented: the Impala encoder (the paper's main DQN encoder; here the Nature CNN or the MinAtar network), the
-code's avg-pool patch tokens, ExpertChoice routing and "BIG" experts (docs/dqn_softmoe.md, "Deviations").
+Not implemented: the code's avg-pool patch tokens, ExpertChoice routing and "BIG" experts (docs/dqn_softmoe.md,
+"Deviations").
 
 Base script: algos/dqn.py (DQN with Dopamine's JAX DQN configuration on Atari, CleanRL's on vector tasks, the MinAtar
 paper's on MinAtar; docs/dqn.md). Docs: docs/dqn_softmoe.md. Conventions every script follows: docs/conventions.md.
