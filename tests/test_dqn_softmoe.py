@@ -1,7 +1,8 @@
 """algos/dqn_softmoe.py: the Soft MoE layer against a hand-written reference (both softmax axes), permutation and
-batch properties, Top-1 capacity and token dropping, the tokenisations' shapes, parameter counts of every arm against
-hand counts, `--moe-type none` against dqn.py (the same network, byte-identical episodes.csv on CartPole and
-MinAtar), MinAtar smoke runs of softmoe and top1 that log the moe/ keys, and bad input.
+batch properties, Top-1 capacity and token dropping, the tokenisations' shapes, the experts' one-column-per-unit
+layout, the Impala encoder (SAME max-pool windows, residual blocks), parameter counts of every arm against hand
+counts, `--moe-type none` against dqn.py (the same network, byte-identical episodes.csv on CartPole and MinAtar),
+MinAtar smoke runs of softmoe and top1 that log the moe/ keys, and bad input.
 
 End-to-end runs call `run()` in this process (see tests/test_dqn_gap.py); only the bad-input tests start the
 script, so that tyro parses the flags and the error reaches stderr as one line."""
