@@ -314,7 +314,7 @@ def resolve_args(args: Args):
     if family == "vector" and (args.moe_type != "none" or args.scaled_baseline):  # detail 7
         raise UserError(f"{tasks[0]} has vector observations and no conv feature map to tokenise: use --moe-type none "
                         "without --scaled-baseline (dqn.py), or a pixel or MinAtar task")
-    size = next(iter(spaces))[-1]  # the encoder's feature map: MinAtar VALID 3x3; Nature strides 4, 2, 1; Impala 2, 2, 2
+    size = next(iter(spaces))[-1]  # the encoder's map: MinAtar VALID 3x3; Nature strides 4, 2, 1; Impala 2, 2, 2
     size = size - 2 if family == "minatar" else math.ceil(size / 8) if args.encoder == "impala" else math.ceil(
         math.ceil(size / 4) / 2)
     if args.moe_type != "none" and args.tokenize == "per-patch" and args.patch_size > size:
@@ -580,7 +580,7 @@ class QNetwork(nn.Module):
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
-        if encoder == "impala":  # SoftMoE: Dopamine's Impala encoder in place of the Nature CNN (docs/dqn_softmoe.md, 10)
+        if encoder == "impala":  # SoftMoE: the Impala encoder instead of the Nature CNN (docs/dqn_softmoe.md, 10)
             self.net = impala_layers(self.net, obs_shape)
         if moe_type != "none" or scaled_baseline:  # SoftMoE: replace the penultimate dense layer (docs/dqn_softmoe.md)
             self.net = softmoe_layers(self.net, obs_shape, self.pixel, moe_type, num_experts, tokenize, expert_hidden,
@@ -810,8 +810,9 @@ class ImpalaStack(nn.Module):
         nn.init.xavier_uniform_(self.conv.weight)
         lo, hi = same_padding(size, 3, 2)
         self.pool = nn.Sequential(nn.ConstantPad2d((lo, hi, lo, hi), float("-inf")), nn.MaxPool2d(3, 2))
-        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, padding=1), nn.ReLU(),
-                                                  nn.Conv2d(channels, channels, 3, 1, padding=1)) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, padding=1), nn.ReLU(),
+                          nn.Conv2d(channels, channels, 3, 1, padding=1)) for _ in range(blocks))
         for block in self.blocks:
             for conv in (block[1], block[3]):
                 lecun_normal_(conv.weight, channels * 9)
