@@ -743,6 +743,17 @@ class Top1Router(SoftMoERouter):
         return dispatch, dispatch * gate[..., None, None], probs
 
 
+def experts_matmul(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Expert i's dense layer on its own slots, for every i: weight (experts, out, in), bias (experts * out,),
+    x (N, experts * in, slots, 1) -> (N, experts * out, slots, 1). One batched matmul over the experts with the batch
+    and slots as columns (a broadcast over N would copy the weights N times)."""
+    n, _, slots, _ = x.shape
+    experts, out, fan_in = weight.shape
+    columns = x.view(n, experts, fan_in, slots).permute(1, 2, 0, 3).reshape(experts, fan_in, n * slots)
+    y = torch.baddbmm(bias.view(experts, out, 1), weight, columns)  # (experts, out, N * slots)
+    return y.view(experts, out, n, slots).permute(2, 0, 1, 3).reshape(n, experts * out, slots, 1)
+
+
 class MoEExpertsIn(nn.Linear):
     """Every expert's first dense layer, Dense(d -> hidden), held as one Linear of experts * hidden units: weight
     (experts * hidden, d), rows e*hidden .. (e+1)*hidden - 1 are expert e's (docs/dqn_softmoe.md, detail 5). Slots
@@ -754,10 +765,7 @@ class MoEExpertsIn(nn.Linear):
         self.experts = experts
 
     def forward(self, x):
-        n, _, slots, _ = x.shape
-        w = self.weight.view(self.experts, -1, self.in_features)  # (experts, hidden, d): one matmul per expert
-        y = torch.matmul(w, x.view(n, self.experts, -1, slots)) + self.bias.view(1, self.experts, -1, 1)
-        return y.view(n, -1, slots, 1)
+        return experts_matmul(self.weight.view(self.experts, -1, self.in_features), self.bias, x)
 
 
 class MoEExpertsOut(nn.Linear):
@@ -772,10 +780,7 @@ class MoEExpertsOut(nn.Linear):
         self.experts = experts
 
     def forward(self, x):
-        n, _, slots, _ = x.shape
-        w = self.weight.view(self.out_features, self.experts, -1).transpose(0, 1)  # (experts, d, hidden)
-        y = torch.matmul(w, x.view(n, self.experts, -1, slots)) + self.bias.view(1, self.experts, -1, 1)
-        return y.view(n, -1, slots, 1)
+        return experts_matmul(self.weight.view(self.out_features, self.experts, -1).transpose(0, 1), self.bias, x)
 
 
 class MoECombine(nn.Module):
