@@ -218,8 +218,8 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", met
     if plast:
         fig, axes = plt.subplots(1, len(plast), figsize=(4 * len(plast), 3.5))
         for ax, (key, per_arm) in zip(np.atleast_1d(axes), sorted(plast.items())):
-            for arm, (s, v) in per_arm.items():
-                ax.plot(s, v, label=arm)
+            for arm, (s, v) in per_arm.items():  # markers: a window between two empty ones is a point, not a line
+                ax.plot(s, v, marker=".", label=arm)
             ax.set_title(key.replace("plasticity/", ""))
             ax.set_xlabel("environment steps")
         np.atleast_1d(axes)[0].legend()
