@@ -108,3 +108,19 @@ def run_in_process(module, out_dir, name: str, env_id: str, settings: dict, **ch
     module.run(args)
     return os.path.join(str(out_dir), name)
 
+
+def assert_same_run(base_dir: str, ours_dir: str, what: str, min_lines: int = 10,
+                    keys=("num_updates", "num_episodes", "final_train_return", "eval_returns")):
+    """A switched-off intervention is its base script: byte-identical episodes.csv (with more than `min_lines`
+    episodes, so the comparison is not vacuous) and the same summary.json `keys`. `what` names the run in the
+    failure message, e.g. "dqn_reset.py --reset-period 0"."""
+    with open(os.path.join(base_dir, "episodes.csv"), "rb") as a:
+        expected = a.read()
+    with open(os.path.join(ours_dir, "episodes.csv"), "rb") as b:
+        got = b.read()
+    assert expected.count(b"\n") > min_lines
+    assert got == expected, f"{what} wrote another episodes.csv than its base script"
+    base_summary = read_json(os.path.join(base_dir, "summary.json"))
+    summary = read_json(os.path.join(ours_dir, "summary.json"))
+    for key in keys:
+        assert summary[key] == base_summary[key], key

@@ -157,13 +157,7 @@ def test_reset_period_zero_reproduces_dqn(dqn, reset_module, tmp_path, env_id):
     """Switched off, the script is dqn.py: byte-identical episodes.csv and the same evaluation returns."""
     base = run_in_process(dqn, tmp_path, "dqn", env_id, seed=3, metrics_every=0)
     ours = run_in_process(reset_module, tmp_path, "reset", env_id, seed=3, metrics_every=0, reset_period=0)
-    with open(os.path.join(base, "episodes.csv"), "rb") as a, open(os.path.join(ours, "episodes.csv"), "rb") as b:
-        expected, got = a.read(), b.read()
-    assert expected.count(b"\n") > 10
-    assert got == expected, "dqn_reset.py --reset-period 0 wrote another episodes.csv than dqn.py"
-    base_summary, summary = read_json(os.path.join(base, "summary.json")), read_json(os.path.join(ours, "summary.json"))
-    for key in ("num_updates", "num_episodes", "final_train_return", "eval_returns"):
-        assert summary[key] == base_summary[key], key
+    helpers.assert_same_run(base, ours, "dqn_reset.py --reset-period 0")
 
 
 def test_resets_change_the_run_and_log_counts_and_before_after_diagnostics(dqn, reset_module, tmp_path):

@@ -344,13 +344,7 @@ def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
 def test_none_reproduces_dqn(dqn, moe, tmp_path, env_id):
     base = run_in_process(dqn, tmp_path, "dqn", env_id, seed=3, metrics_every=0)
     ours = run_in_process(moe, tmp_path, "none", env_id, seed=3, metrics_every=0, moe_type="none")
-    with open(os.path.join(base, "episodes.csv"), "rb") as a, open(os.path.join(ours, "episodes.csv"), "rb") as b:
-        expected, got = a.read(), b.read()
-    assert expected.count(b"\n") > 10
-    assert got == expected, "dqn_softmoe.py --moe-type none wrote another episodes.csv than dqn.py"
-    base_summary, summary = read_json(os.path.join(base, "summary.json")), read_json(os.path.join(ours, "summary.json"))
-    for key in ("num_updates", "num_episodes", "final_train_return", "eval_returns"):
-        assert summary[key] == base_summary[key], key
+    helpers.assert_same_run(base, ours, "dqn_softmoe.py --moe-type none")
 
 
 @pytest.mark.parametrize("moe_type", ["softmoe", "top1"])
