@@ -109,6 +109,23 @@ def run_in_process(module, out_dir, name: str, env_id: str, settings: dict, **ch
     return os.path.join(str(out_dir), name)
 
 
+# The DQN family's smoke settings (benchmark/suites/smoke.toml's dqn, dqn_minatar and dqn_atari arms), shared by the
+# in-process runs of tests/test_dqn_gap.py, test_dqn_softmoe.py, test_dqn_pruning.py and test_dqn_rigl.py.
+DQN_SMOKE = {
+    "CartPole-v1": dict(total_timesteps=600, learning_starts=200, buffer_size=1000, batch_size=32, eval_episodes=2,
+                        metrics_every=10, log_every=10),
+    "MinAtar/Breakout": dict(total_timesteps=400, learning_starts=200, buffer_size=1000, batch_size=32,
+                             eval_episodes=1, metrics_every=10),
+    "Breakout-v5": dict(total_timesteps=400, num_envs=2, learning_starts=200, buffer_size=2000, max_episode_steps=100,
+                        eval_episodes=1, metrics_every=10, metrics_batch_size=64),
+}
+
+
+def run_dqn_smoke(module, out_dir, name: str, env_id: str, **changes) -> str:
+    """`run_in_process` with the DQN family's smoke settings for `env_id` (DQN_SMOKE), changed by `changes`."""
+    return run_in_process(module, out_dir, name, env_id, DQN_SMOKE[env_id], **changes)
+
+
 def assert_same_run(base_dir: str, ours_dir: str, what: str, min_lines: int = 10,
                     keys=("num_updates", "num_episodes", "final_train_return", "eval_returns")):
     """A switched-off intervention is its base script: byte-identical episodes.csv (with more than `min_lines`

@@ -328,16 +328,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, flags, fragments):
 # End to end (in process)
 # ---------------------------------------------------------------------------------------------------------------
 
-SMOKE = {  # the smoke arms of benchmark/suites/smoke.toml (dqn, dqn_minatar)
-    "CartPole-v1": dict(total_timesteps=600, learning_starts=200, buffer_size=1000, batch_size=32, eval_episodes=2,
-                        metrics_every=10, log_every=10),
-    "MinAtar/Breakout": dict(total_timesteps=400, learning_starts=200, buffer_size=1000, batch_size=32,
-                             eval_episodes=1, metrics_every=10),
-}
-
-
-def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
-    return helpers.run_in_process(module, tmp_path, name, env_id, SMOKE[env_id], **changes)
+run_in_process = helpers.run_dqn_smoke  # the DQN smoke settings (tests/helpers.py, DQN_SMOKE)
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "MinAtar/Breakout"])
