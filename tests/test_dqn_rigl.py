@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import helpers
-from helpers import assert_one_line_error, load_script, read_json, read_scalars, run_script, script_path
+from helpers import assert_one_line_error, load_script, read_json, read_scalars, run_dqn_smoke, run_script, script_path
 
 RIGL = script_path("dqn_rigl")
 
@@ -306,7 +306,7 @@ def test_metrics_count_parameters_and_flops(rl):
 def test_flags_resolve_from_the_run(rl):
     args = rl.Args(env_id="MinAtar/Breakout", total_timesteps=200_000, replay_ratio=0.25)
     rl.resolve_args(args)  # (200k - 5000) * 0.25 = 48750 updates, 80% of them: 39000
-    assert (args.update_end_step, args.sparse_init, args.sparse_method, args.sparsity) == (39000, "rescale", "rigl", 0.9)
+    assert (args.update_end_step, args.sparse_init, args.sparse_method) == (39000, "rescale", "rigl")
     args = rl.Args(env_id="MinAtar/Breakout", sparse_method="static", update_end_step=7)
     rl.resolve_args(args)
     assert (args.update_end_step, args.sparse_init) == (7, "mask")
@@ -332,30 +332,19 @@ def test_bad_input_is_a_one_line_error(tmp_path, flags, fragments):
 # End to end (in process)
 # ---------------------------------------------------------------------------------------------------------------
 
-SMOKE = {  # the smoke arms of benchmark/suites/smoke.toml (dqn, dqn_minatar)
-    "CartPole-v1": dict(total_timesteps=600, learning_starts=200, buffer_size=1000, batch_size=32, eval_episodes=2,
-                        metrics_every=10, log_every=10),
-    "MinAtar/Breakout": dict(total_timesteps=400, learning_starts=200, buffer_size=1000, batch_size=32,
-                             eval_episodes=1, metrics_every=10),
-}
-
-
-def run_in_process(module, tmp_path, name: str, env_id: str, **changes) -> str:
-    return helpers.run_in_process(module, tmp_path, name, env_id, SMOKE[env_id], **changes)
-
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "MinAtar/Breakout"])
 def test_sparsity_zero_reproduces_dqn(dqn, rl, tmp_path, env_id):
     """Switched off, the script is dqn.py: byte-identical episodes.csv and the same evaluation returns."""
-    base = run_in_process(dqn, tmp_path, "dqn", env_id, seed=3, metrics_every=0)
-    ours = run_in_process(rl, tmp_path, "rigl", env_id, seed=3, metrics_every=0, sparsity=0.0, update_every=10)
+    base = run_dqn_smoke(dqn, tmp_path, "dqn", env_id, seed=3, metrics_every=0)
+    ours = run_dqn_smoke(rl, tmp_path, "rigl", env_id, seed=3, metrics_every=0, sparsity=0.0, update_every=10)
     assert read_json(os.path.join(ours, "summary.json"))["status"] == "completed"
     helpers.assert_same_run(base, ours, "dqn_rigl.py --sparsity 0",
                             keys=("status", "num_updates", "num_episodes", "final_train_return", "eval_returns"))
 
 
 def test_minatar_rigl_run_logs_and_keeps_its_sparsity(rl, tmp_path):
-    run_dir = run_in_process(rl, tmp_path, "rigl", "MinAtar/Breakout", update_every=50, save_model=True,
+    run_dir = run_dqn_smoke(rl, tmp_path, "rigl", "MinAtar/Breakout", update_every=50, save_model=True,
                              metrics_every=100)
     summary = read_json(os.path.join(run_dir, "summary.json"))
     assert summary["status"] == "completed" and summary["num_updates"] == 200
