@@ -122,6 +122,10 @@ class Args:
     """replay capacity in transitions (`replay_capacity = 200000`: all 100k steps are kept)"""
     batch_size: int = 32
     """minibatch size (`BBFAgent.batch_size = 32`)"""
+    batches_to_group: int = 1
+    """draw this many batches at once: one stratified prioritized sample of batches_to_group x batch_size with one n
+    and gamma and importance weights normalised over the whole draw, split in stratum order into consecutive updates
+    (BBF.gin: `batches_to_group = 2`; 1: each update draws its own batch, as the paper describes; detail 5)"""
     replay_ratio: float = 8.0
     """gradient updates per environment step (paper: RR 8). BBF.gin's `replay_ratio = 64` counts *samples* per env
     step, i.e. 64 / 32 = 2 updates; the paper's main agent uses 256 samples = 8 updates (detail 5)"""
@@ -151,6 +155,11 @@ class Args:
     run (BBF.gin: `reset_every = 20_000` env steps at its RR 2; detail 10)"""
     no_resets_after: int = 100_000
     """no reset whose following interval would end after this env step (`BBFAgent.no_resets_after = 100_000`)"""
+    reset_offset: int = 0
+    """reset schedule of the official snapshot: 0 as 1d4d2f1a (reset when the env-step clock reaches the scheduled
+    step: 19 resets at RR 8); k >= 1 as 4c429948 with `reset_offset = k` (first reset scheduled k steps later, a reset
+    once the clock has passed the scheduled step, limit no_resets_after + k: 18 resets at RR 8 with its default 1;
+    detail 10)"""
     shrink_factor: float = 0.5
     """weight of the current parameters of the encoder and transition model at a reset (`shrink_factor = 0.5`)"""
     perturb_factor: float = 0.5
@@ -208,20 +217,23 @@ def resolve_args(args: Args):
     if type(spec.action_space).__name__ != "Discrete":
         raise UserError(f"bbf_atari.py needs a discrete action space; {args.env_id} has {spec.action_space}")
     for name in ("num_envs", "batch_size", "buffer_size", "n_step", "max_n_step", "total_timesteps", "jumps",
-                 "width_scale", "hidden_dim", "num_atoms", "max_episode_steps", "noop_max"):
+                 "width_scale", "hidden_dim", "num_atoms", "max_episode_steps", "noop_max", "batches_to_group"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.n_step > args.max_n_step:
         raise UserError("need --n-step <= --max-n-step (n is annealed from max-n-step down to n-step)")
     if not 0 < args.min_gamma <= args.gamma < 1:
         raise UserError("need 0 < --min-gamma <= --gamma < 1")
-    if min(args.torch_threads, args.learning_starts, args.reset_every, args.cycle_steps, args.eval_episodes) < 0:
-        raise UserError("--torch-threads, --learning-starts, --reset-every, --cycle-steps and --eval-episodes "
-                        "must be >= 0")
+    if min(args.torch_threads, args.learning_starts, args.reset_every, args.cycle_steps, args.eval_episodes,
+           args.reset_offset) < 0:
+        raise UserError("--torch-threads, --learning-starts, --reset-every, --cycle-steps, --eval-episodes and "
+                        "--reset-offset must be >= 0")
     if args.replay_ratio < 0 or not 0 <= args.end_e <= args.start_e <= 1 or args.exploration_steps < 1:
         raise UserError("need --replay-ratio >= 0, 0 <= end-e <= start-e <= 1 and --exploration-steps >= 1")
     if not 0 < args.target_update_tau <= 1:
         raise UserError("--target-update-tau must be in (0, 1]")
+    if args.batches_to_group > 1 and (args.replay_ratio * args.num_envs) % args.batches_to_group:  # whole groups
+        raise UserError("--batches-to-group must divide --replay-ratio x --num-envs (the updates of one env step)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch or use --device cpu)")
     if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
@@ -268,12 +280,17 @@ def anneal_gamma(step: int, cycle_steps: int, gamma_min: float, gamma_max: float
     return float(1.0 - math.exp((1 - frac) * math.log(1 - gamma_min) + frac * math.log(1 - gamma_max)))
 
 
-def reset_due(global_step: int, interval: int, no_resets_after: int) -> tuple[bool, int]:
-    """Official `reset_weights`, called once the env-step clock reaches the scheduled reset: schedule the next one
-    `interval` env steps later, and skip this reset if that next one would come after no_resets_after (the network
-    would have less than one interval to recover; docs/bbf_atari.md, detail 10). Returns (reset now?, next reset)."""
+def reset_due(global_step: int, next_reset: int, interval: int, no_resets_after: int,
+              offset: int = 0) -> tuple[bool, int]:
+    """The official reset clock (`_train_step`, `reset_weights`; docs/bbf_atari.md, detail 10) after env step
+    `global_step`, with the first reset scheduled at interval + offset. A reset is due once the clock reaches
+    next_reset (1d4d2f1a, offset 0) or has passed it (4c429948, `reset_offset` >= 1); then the next one is scheduled
+    `interval` env steps later, and this one is skipped if that next one would come after no_resets_after (+ offset in
+    4c429948): the network would have less than one interval to recover. Returns (reset now?, next reset)."""
+    if global_step < next_reset + (offset > 0):
+        return False, next_reset
     next_reset = global_step + interval
-    return next_reset <= no_resets_after, next_reset
+    return next_reset <= no_resets_after + offset, next_reset
 
 
 def epsilon_at(step: int, args: Args) -> float:
@@ -395,6 +412,17 @@ class ReplayBuffer:
     def update_priorities(self, rows, envs, priorities):
         self.priorities[rows, envs] = priorities
         self.max_priority = max(self.max_priority, float(np.max(priorities)))
+
+
+def split_batches(batch, indices, groups: int) -> list:
+    """Split one draw of groups x batch_size transitions (ReplayBuffer.sample's output) into `groups` consecutive
+    batches of (batch, (rows, envs)). Stratified draws come in stratum order, so with groups = 2 the first batch holds
+    the lower half of the priority mass (the older rows) and the second the upper half, both with the draw's n, gamma
+    and importance-weight normalisation: the official `train` reshapes its 64 samples to (2, 32) and scans over them
+    (docs/bbf_atari.md, detail 5)."""
+    size = len(indices[0]) // groups
+    return [(tuple(x[i * size:(i + 1) * size] for x in batch), tuple(x[i * size:(i + 1) * size] for x in indices))
+            for i in range(groups)]
 
 
 class EpisodeStats:
@@ -812,15 +840,17 @@ def run(args: Args) -> dict:
         rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype,
                           max(args.max_n_step, args.jumps))
         stats = EpisodeStats(args.num_envs)
-        # Resets run on the env-step clock, every reset_every / replay_ratio env steps (detail 10).
+        # Resets run on the env-step clock, every reset_every / replay_ratio env steps, the first one scheduled
+        # reset_offset env steps later (detail 10).
         reset_interval = max(1, int(round(args.reset_every / args.replay_ratio))) if args.replay_ratio > 0 else 0
-        next_reset = reset_interval if args.reset_every > 0 and reset_interval > 0 else None
+        next_reset = reset_interval + args.reset_offset if args.reset_every > 0 and reset_interval > 0 else None
 
         obs, _ = envs.reset()
         first = np.ones(args.num_envs, dtype=bool)  # obs is the first observation after a full reset
         prev_done = np.zeros(args.num_envs, dtype=bool)  # last step ended an episode: this step is an auto-reset
         prev_game_over = np.zeros(args.num_envs, dtype=bool)
         update_credit, cycle_updates, next_eval = 0.0, 0, args.eval_every
+        group = []  # batches of the current draw not trained on yet (--batches-to-group, detail 5)
         while global_step < args.total_timesteps:
             epsilon = epsilon_at(global_step, args)
             coins = rng.random((2, args.num_envs))  # one generator call per step: explore? and a random action
@@ -850,11 +880,14 @@ def run(args: Args) -> dict:
                 update_credit += args.replay_ratio * args.num_envs
                 while update_credit >= 1.0 and rb.sampleable() > 0:
                     update_credit -= 1.0
-                    # n and gamma of this update, annealed since the last reset, applied at sampling (detail 11)
-                    n_now = anneal_n_step(cycle_updates, args.cycle_steps, args.max_n_step, args.n_step)
-                    gamma_now = anneal_gamma(cycle_updates, args.cycle_steps, args.min_gamma, args.gamma)
-                    batch, (rows, envs_idx) = rb.sample(args.batch_size, rng, n_now, gamma_now, args.jumps,
-                                                        args.prioritized)
+                    if not group:  # one draw for the next batches_to_group updates, split in stratum order (detail 5)
+                        # n and gamma of this draw, annealed since the last reset, applied at sampling (detail 11)
+                        n_now = anneal_n_step(cycle_updates, args.cycle_steps, args.max_n_step, args.n_step)
+                        gamma_now = anneal_gamma(cycle_updates, args.cycle_steps, args.min_gamma, args.gamma)
+                        draw = rb.sample(args.batch_size * args.batches_to_group, rng, n_now, gamma_now, args.jumps,
+                                         args.prioritized)
+                        group = split_batches(*draw, args.batches_to_group)
+                    batch, (rows, envs_idx) = group.pop(0)
                     loss, ce, spr, q_mean = bbf_loss(online, target, to_torch(batch, device), args)
                     if not math.isfinite(loss.item()):
                         raise Diverged(f"non-finite BBF loss ({loss.item()}) at global_step={global_step}")
@@ -886,8 +919,9 @@ def run(args: Args) -> dict:
                         for key, value in plasticity_metrics(online, target, to_torch(metrics_batch, device),
                                                              args).items():
                             writer.add_scalar(key, value, global_step)
-            if next_reset is not None and global_step >= next_reset:
-                do_reset, next_reset = reset_due(global_step, reset_interval, args.no_resets_after)
+            if next_reset is not None:
+                do_reset, next_reset = reset_due(global_step, next_reset, reset_interval, args.no_resets_after,
+                                                 args.reset_offset)
                 if do_reset:
                     shrink_and_perturb(online, target, optimizer, new_network(), new_network(),
                                        args.shrink_factor, args.perturb_factor)

@@ -1,7 +1,8 @@
 """algos/bbf_atari.py: the BBF mechanics (n/gamma annealing, shrink-and-perturb arithmetic on online and target
-networks and the optimizer state, reset timing in gradient steps with no_resets_after, EMA, SPR loss with masking,
-DrQ augmentation, prioritized sampling and importance weights, n-step returns computed at sampling time across an
-episode end, replay ratio), bad input, and one tiny end-to-end run with its outputs."""
+networks and the optimizer state, reset timing of both official snapshots (--reset-offset 0 and 1) with
+no_resets_after, EMA, SPR loss with masking, DrQ augmentation, prioritized sampling and importance weights, grouped
+draws (--batches-to-group), n-step returns computed at sampling time across an episode end, replay ratio), bad input,
+and tiny end-to-end runs with their outputs."""
 
 from __future__ import annotations
 
@@ -78,19 +79,33 @@ def test_shrink_and_perturb_arithmetic_target_and_optimizer(bbf):
     assert not optimizer.state  # Adam moments and step counts start over (official optimizer.init)
 
 
-def test_reset_timing_in_gradient_steps_and_no_resets_after(bbf):
-    # RR 8, resets every 40k gradient steps -> every 5000 env steps on the env-step clock; 100k steps.
-    interval, resets, next_reset = round(40_000 / 8), [], round(40_000 / 8)
+@pytest.mark.parametrize("offset,expected", [
+    # 1d4d2f1a: a reset once the clock reaches next_reset, first at 5000, skipped when the next one would be after
+    # 100k: k * 5000 for k = 1..19 (k = 20 would need 105,000 <= 100,000)
+    (0, list(range(5_000, 95_001, 5_000))),
+    # 4c429948 (reset_offset = 1): next_reset starts at 5001 and a reset needs the clock to have *passed* it, so the
+    # j-th reset is at j * 5001 + 1 (each interval one env step longer) while j * 5001 + 1 + 5000 <= 100,001: j <= 18
+    (1, [j * 5_001 + 1 for j in range(1, 19)]),
+])
+def test_reset_timing_in_gradient_steps_and_no_resets_after(bbf, offset, expected):
+    # RR 8, resets every 40k gradient steps -> every 5000 env steps on the env-step clock; 100k env steps. The first
+    # reset is scheduled as in run(): interval + reset_offset.
+    interval = round(40_000 / 8)
+    next_reset, resets, skipped = interval + offset, [], []
     for step in range(1, 100_001):
-        if step >= next_reset:
-            do, next_reset = bbf.reset_due(step, interval, 100_000)
-            if do:
-                resets.append(step)
-    assert resets == list(range(5_000, 95_001, 5_000))  # 19 resets; none at 100k (nothing left to recover)
-    updates_between = [(b - a) * 8 for a, b in zip(resets, resets[1:])]
-    assert set(updates_between) == {40_000}
-    assert bbf.reset_due(80_000, 5_000, 84_999) == (False, 85_000)
-    assert bbf.reset_due(80_000, 5_000, 85_000) == (True, 85_000)
+        due_before = step >= next_reset + (offset > 0)
+        do, next_reset = bbf.reset_due(step, next_reset, interval, 100_000, offset)
+        (resets if do else skipped if due_before else []).append(step)
+    assert resets == expected
+    assert len(resets) == {0: 19, 1: 18}[offset]  # none at 100k / 95,020: nothing left to recover
+    assert skipped == {0: [100_000], 1: [95_020]}[offset]
+    updates_between = {(b - a) * 8 for a, b in zip(resets, resets[1:])}
+    assert updates_between == {0: {40_000}, 1: {40_008}}[offset]
+    assert bbf.reset_due(80_000, 80_000, 5_000, 84_999) == (False, 85_000)
+    assert bbf.reset_due(80_000, 80_000, 5_000, 85_000) == (True, 85_000)
+    assert bbf.reset_due(79_999, 80_000, 5_000, 100_000) == (False, 80_000)  # not yet due
+    assert bbf.reset_due(80_000, 80_000, 5_000, 100_000, 1) == (False, 80_000)  # 4c429948: due after 80,000
+    assert bbf.reset_due(80_001, 80_000, 5_000, 85_000, 1) == (True, 85_001)  # limit 85,000 + offset
 
 
 def test_ema_update(bbf):
@@ -227,6 +242,30 @@ def test_prioritized_sampling_and_importance_weights(bbf):
     assert 7 not in set(r) and len(set(r)) == 34
 
 
+def test_batches_to_group_one_stratified_draw_split_in_stratum_order(bbf):
+    # BBF.gin's batches_to_group = 2: one draw of 2 x B with one n and gamma, importance weights normalised over the
+    # whole draw, split in order into the two updates' batches (docs/bbf_atari.md, detail 5).
+    rb = filled_buffer(bbf, [float(t) for t in range(25)], [False] * 25, horizon=5)  # rows 0..19 can be drawn
+    rb.priorities[:25, 0] = 0.25
+    rb.priorities[:4, 0] = 1.0  # mass 4 x 1 (rows 0-3) + 16 x 0.25 (rows 4-19) = 8: each half holds 4
+    draw = rb.sample(16, np.random.default_rng(0), 3, 0.9, 5)
+    (first, (rows1, _)), (second, (rows2, _)) = bbf.split_batches(*draw, 2)
+    # stratum i of 16 is [0.5 i, 0.5 (i + 1)) of the mass: strata 0-7 fall in rows i // 2, strata 8-15 in row
+    # 4 + 2 (i - 8) or the next one
+    assert rows1.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(r in (4 + 2 * j, 5 + 2 * j) for j, r in enumerate(rows2.tolist()))
+    # weights 1/sqrt(p): 1 for p = 1, 2 for p = 0.25; divided by the draw's max 2 (a batch on its own would give 1)
+    assert np.allclose(first[6], 0.5) and np.allclose(second[6], 1.0)
+    # one n = 3 and gamma = 0.9 for both: return t + 0.9 (t + 1) + 0.81 (t + 2) of reward r_t = t, discount 0.9^3
+    for batch, rows in ((first, rows1), (second, rows2)):
+        assert np.allclose(batch[2], rows + 0.9 * (rows + 1) + 0.81 * (rows + 2))
+        assert np.allclose(batch[3], 0.729)
+        assert batch[0].shape == (8, 6, 4, 2, 2) and all(len(x) == 8 for x in batch)
+    # one group: the draw itself
+    (whole, (rows, _)), = bbf.split_batches(*draw, 1)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, draw[0])) and np.array_equal(rows, draw[1][0])
+
+
 # --- command line and end to end ---
 
 def run_bbf(tmp_path, name, *flags, timeout=240):
@@ -272,6 +311,19 @@ def test_end_to_end_tiny_run(tmp_path):
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["status"] == "completed"
 
 
+def test_grouped_batches_and_reset_offset_end_to_end(tmp_path):
+    flags = TINY[:TINY.index("--replay-ratio")] + TINY[TINY.index("--replay-ratio") + 2:]
+    proc = run_bbf(tmp_path, "group", *flags, "--replay-ratio", "2", "--reset-every", "40", "--batches-to-group", "2",
+                   "--reset-offset", "1", "--metrics-every", "0", "--eval-episodes", "0", "--log-every", "1")
+    assert proc.returncode == 0, describe(proc)
+    summary = json.loads((tmp_path / "group" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["num_updates"] == 80  # env steps 101..140, 2 updates each
+    # resets every 40 / 2 = 20 env steps, 4c429948's clock: 22, 43, 64, 85, 106 (127 would need 147 <= 140 + 1)
+    assert summary["num_resets"] == 5
+    # a group's two updates share the n of its draw, drawn at cycle steps 0, 2, 4, ...: never n(1) = 7 or n(3) = 4
+    assert {v for _, v in read_scalars(str(tmp_path / "group"))["bbf/n_step"]} == {10, 5, 3}
+
+
 def test_bad_input_is_one_line_error(tmp_path):
     proc = run_bbf(tmp_path, "bad", "--env-id", "CartPole-v1", timeout=120)
     assert_one_line_error(proc, "Atari", "CartPole-v1")
@@ -282,6 +334,10 @@ def test_bad_input_is_one_line_error(tmp_path):
     (dict(env_id="Pong-v5", n_step=12), "--n-step"),
     (dict(env_id="Pong-v5", min_gamma=0.999), "--min-gamma"),
     (dict(env_id="Pong-v5", buffer_size=10), "--buffer-size"),
+    (dict(env_id="Pong-v5", replay_ratio=0.5, batches_to_group=2), "--batches-to-group"),
+    (dict(env_id="Pong-v5", replay_ratio=8, batches_to_group=3), "--batches-to-group"),
+    (dict(env_id="Pong-v5", batches_to_group=0), "--batches-to-group"),
+    (dict(env_id="Pong-v5", reset_offset=-1), "--reset-offset"),
 ])
 def test_bad_flags_are_user_errors(bbf, changes, fragment):
     with pytest.raises(bbf.UserError, match=fragment.replace("(", r"\(")):
