@@ -79,6 +79,16 @@ def test_shrink_and_perturb_arithmetic_target_and_optimizer(bbf):
     assert not optimizer.state  # Adam moments and step counts start over (official optimizer.init)
 
 
+def reset_steps(bbf, interval, offset, total=100_000, no_resets_after=100_000):
+    """Env steps of the resets and of the skipped resets, with the first one scheduled as in run()."""
+    next_reset, resets, skipped = interval + offset, [], []
+    for step in range(1, total + 1):
+        due_before = step >= next_reset + (offset > 0)
+        do, next_reset = bbf.reset_due(step, next_reset, interval, no_resets_after, offset)
+        (resets if do else skipped if due_before else []).append(step)
+    return resets, skipped
+
+
 @pytest.mark.parametrize("offset,expected", [
     # 1d4d2f1a: a reset once the clock reaches next_reset, first at 5000, skipped when the next one would be after
     # 100k: k * 5000 for k = 1..19 (k = 20 would need 105,000 <= 100,000)
@@ -88,19 +98,16 @@ def test_shrink_and_perturb_arithmetic_target_and_optimizer(bbf):
     (1, [j * 5_001 + 1 for j in range(1, 19)]),
 ])
 def test_reset_timing_in_gradient_steps_and_no_resets_after(bbf, offset, expected):
-    # RR 8, resets every 40k gradient steps -> every 5000 env steps on the env-step clock; 100k env steps. The first
-    # reset is scheduled as in run(): interval + reset_offset.
-    interval = round(40_000 / 8)
-    next_reset, resets, skipped = interval + offset, [], []
-    for step in range(1, 100_001):
-        due_before = step >= next_reset + (offset > 0)
-        do, next_reset = bbf.reset_due(step, next_reset, interval, 100_000, offset)
-        (resets if do else skipped if due_before else []).append(step)
+    # RR 8, resets every 40k gradient steps -> every 5000 env steps on the env-step clock; 100k env steps.
+    resets, skipped = reset_steps(bbf, round(40_000 / 8), offset)
     assert resets == expected
     assert len(resets) == {0: 19, 1: 18}[offset]  # none at 100k / 95,020: nothing left to recover
     assert skipped == {0: [100_000], 1: [95_020]}[offset]
     updates_between = {(b - a) * 8 for a, b in zip(resets, resets[1:])}
     assert updates_between == {0: {40_000}, 1: {40_008}}[offset]
+    # BBF.gin as shipped (RR 2, reset_every = 20_000 env steps): 20k, 40k, 60k, 80k vs 20,002, 40,003, 60,004
+    assert reset_steps(bbf, 20_000, offset)[0] == {0: [20_000, 40_000, 60_000, 80_000],
+                                                   1: [20_002, 40_003, 60_004]}[offset]
     assert bbf.reset_due(80_000, 80_000, 5_000, 84_999) == (False, 85_000)
     assert bbf.reset_due(80_000, 80_000, 5_000, 85_000) == (True, 85_000)
     assert bbf.reset_due(79_999, 80_000, 5_000, 100_000) == (False, 80_000)  # not yet due
