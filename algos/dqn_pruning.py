@@ -21,7 +21,7 @@ Differences from the base script (`diff algos/dqn.py algos/dqn_pruning.py` shows
   - `QNetwork(..., width, encoder)`: conv channel counts times the width; `impala_layers` swaps in Dopamine's Impala
     encoder (as dqn_softmoe.py, with the width); width 1 with the Nature encoder builds dqn.py's network exactly;
   - `MagnitudePruner` (ERK, the schedule, top-k masks): masks recomputed before the optimizer step at mask-update
-    steps, applied to the weights and to Adam's moments after every step; `sparsity/` logs (per layer, total,
+    steps, their weights' gradients zeroed before and the weights masked after every step (Adam's moments stay 0); `sparsity/` logs (per layer, total,
     target, the nonzero parameters and forward FLOPs against the dense network's) and their summary.json entries;
   - `--eval-checkpoint` refuses a checkpoint whose width or encoder differs from the flags.
 
@@ -752,9 +752,12 @@ class MagnitudePruner:
     """Gradual magnitude pruning as jaxpruner's MagnitudePruning wrapped around the optimizer (docs/dqn_pruning.md,
     details 1-4). `update_masks(count)` is called before the optimizer step with the count of steps taken so far: at
     a mask-update step (count % every == 0 and start <= count <= end) every mask is recomputed from |w|, the weights
-    the gradient was taken at, at the scheduled sparsity. `apply()` after the step multiplies the weights by their
-    masks, and Adam's two moments too (jaxpruner leaves them; without regrowth they never reach a weight, so this
-    changes nothing but keeps the optimizer's state as sparse as the network: detail 4). Sparsity 0: no-ops."""
+    the gradient was taken at, at the scheduled sparsity, and the Adam moments of the newly pruned weights are zeroed.
+    `mask_gradients()`, also before the step, zeroes the pruned weights' gradients, so their moments stay 0 and Adam
+    moves them by exactly 0 (jaxpruner leaves the gradients and moments: element-wise Adam makes this change no kept
+    weight, it only keeps the optimizer's state as sparse as the network; detail 4). `apply()` after the step
+    multiplies the weights by their masks (jaxpruner's `post_gradient_update`), which also undoes any other change to
+    a pruned weight. Sparsity 0: no-ops."""
 
     def __init__(self, model: nn.Module, optimizer, sparsity: float, distribution: str, start: int, end: int,
                  every: int):
@@ -780,7 +783,19 @@ class MagnitudePruner:
         else:  # each layer its own share of the ramp: s_l(t) = s_l (1 - (1 - p)^3)
             self.masks = {n: topk_mask(scores[n], gmp_sparsity(count, self.targets[n], self.start, self.end))
                           for n in scores}
+        for name, p in self.params.items():
+            for moment in self.optimizer.state.get(p, {}).values():
+                if moment.shape == p.shape:  # exp_avg and exp_avg_sq (not the step count)
+                    moment.mul_(self.masks[name])
         return True
+
+    @torch.no_grad()
+    def mask_gradients(self):
+        if self.final == 0:
+            return
+        for name, p in self.params.items():
+            if p.grad is not None:
+                p.grad.mul_(self.masks[name])
 
     @torch.no_grad()
     def apply(self):
@@ -788,9 +803,6 @@ class MagnitudePruner:
             return
         for name, p in self.params.items():
             p.mul_(self.masks[name])
-            for moment in self.optimizer.state.get(p, {}).values():
-                if moment.shape == p.shape:  # exp_avg and exp_avg_sq (not the step count)
-                    moment.mul_(self.masks[name])
 
     def metrics(self, model: nn.Module, obs_shape: tuple) -> dict[str, float]:
         """sparsity/ logs: each layer's and the total fraction of zero weights (over the prunable weights), the
@@ -992,8 +1004,9 @@ def run(args: Args) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     masks_updated = pruner.update_masks(num_updates)  # Pruning: before the step (detail 3)
+                    pruner.mask_gradients()  # Pruning: no gradient, hence no Adam moment, for a pruned weight (4)
                     optimizer.step()
-                    pruner.apply()  # Pruning: pruned weights (and their Adam moments) back to 0 (detail 4)
+                    pruner.apply()  # Pruning: pruned weights back to exactly 0 (detail 4)
                     num_updates += 1
                     if masks_updated:  # Pruning: the sparsity/ logs at every mask update (detail 5)
                         for key, value in pruner.metrics(q_network, obs_shape).items():

@@ -17,8 +17,8 @@ k = floor(f(t) n_active) active weights of smallest magnitude and grows k inacti
 the dense gradient of the TD loss is largest, with the cosine drop fraction f(t) = alpha/2 (1 + cos(pi t / T_end)),
 alpha = 0.3. Grown weights start at 0 with zeroed Adam moments, every layer keeps its count of active weights, and
 the gradient step of a mask-update step is skipped (the official code). SET grows at random instead; static never
-changes the mask. After every optimizer step the weights and Adam's moments are multiplied by the masks, so inactive
-weights stay exactly zero.
+changes the mask. Before every optimizer step the inactive weights' gradients are zeroed (their Adam moments stay 0)
+and after it the weights are multiplied by the masks, so inactive weights stay exactly zero.
 
 Differences from the base script (`diff algos/dqn.py algos/dqn_rigl.py` shows exactly these):
   - flags `--sparse-method {rigl,set,static}`, `--sparsity` (default 0.9; 0 is dqn.py),
@@ -29,8 +29,9 @@ Differences from the base script (`diff algos/dqn.py algos/dqn_rigl.py` shows ex
     in Dopamine's Impala encoder; width 1 with the Nature encoder builds dqn.py's network exactly;
   - `RigLMasks` (ERK, random initial masks from their own generator, the sparsity-aware rescaling, drop and grow,
     the cosine drop fraction): built with the optimizer (the target network then copies the masked network), its
-    mask update between the backward pass and the optimizer step, the masks applied to the weights and Adam's moments
-    after every step; `sparsity/` and `rigl/` logs and the final sparsity in summary.json;
+    mask update between the backward pass and the optimizer step, the inactive weights' gradients zeroed before and
+    the weights masked after every step (Adam's moments of inactive weights stay 0); `sparsity/` and `rigl/` logs and
+    the final sparsity in summary.json;
   - `--eval-checkpoint` refuses a checkpoint whose width or encoder differs from the flags.
 
 Base script: algos/dqn.py (DQN with Dopamine's JAX DQN configuration on Atari, CleanRL's on vector tasks, the MinAtar
@@ -809,7 +810,9 @@ class RigLMasks:
     taken so far: at a mask-update step (count % every == 0 and count < end) every layer drops and grows
     (`drop_and_grow`; grow scores |dense gradient| for rigl, uniform for set), new connections start at 0 with zeroed
     Adam moments, and every gradient is set to None so that the optimizer skips this step (rigl's RigL optimizer and
-    jaxpruner's `skip_gradients`). `apply()` after the step multiplies the weights and Adam's moments by the masks.
+    jaxpruner's `skip_gradients`); the moments of dropped and grown weights are zeroed. `mask_gradients()` before
+    every step zeroes the inactive weights' gradients (so their moments stay 0) and `apply()` after it multiplies the
+    weights by the masks.
     Static: no mask update. Sparsity 0: no-ops."""
 
     def __init__(self, model: nn.Module, optimizer, method: str, sparsity: float, distribution: str,
@@ -848,8 +851,8 @@ class RigLMasks:
             new = (mask == 1) & (self.masks[name] == 0)  # a dropped and regrown weight keeps its value (rigl)
             p.masked_fill_(new, 0.0)
             for moment in self.optimizer.state.get(p, {}).values():
-                if moment.shape == p.shape:  # exp_avg and exp_avg_sq (not the step count)
-                    moment.masked_fill_(new, 0.0)
+                if moment.shape == p.shape:  # exp_avg and exp_avg_sq (not the step count): 0 for grown and dropped
+                    moment.masked_fill_(new, 0.0).mul_(mask)
             self.masks[name] = mask
             grown += int(new.sum())
         for p in self.all_params:  # the optimizer skips a parameter without a gradient: no step at a mask update
@@ -858,14 +861,19 @@ class RigLMasks:
         return True
 
     @torch.no_grad()
+    def mask_gradients(self):
+        if self.sparsity == 0:
+            return
+        for name, p in self.params.items():
+            if p.grad is not None:
+                p.grad.mul_(self.masks[name])
+
+    @torch.no_grad()
     def apply(self):
         if self.sparsity == 0:
             return
         for name, p in self.params.items():
             p.mul_(self.masks[name])
-            for moment in self.optimizer.state.get(p, {}).values():
-                if moment.shape == p.shape:  # exp_avg and exp_avg_sq (not the step count)
-                    moment.mul_(self.masks[name])
 
     def metrics(self, model: nn.Module, obs_shape: tuple) -> dict[str, float]:
         """sparsity/ logs as dqn_pruning.py's: each layer's and the total fraction of inactive weights (over the
@@ -1071,8 +1079,9 @@ def run(args: Args) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     masks_updated = rigl.update_masks(num_updates)  # RigL: drop and grow, no step then (3-5)
+                    rigl.mask_gradients()  # RigL: no gradient, hence no Adam moment, for an inactive weight (6)
                     optimizer.step()
-                    rigl.apply()  # RigL: inactive weights (and their Adam moments) back to 0 (detail 6)
+                    rigl.apply()  # RigL: inactive weights back to exactly 0 (detail 6)
                     num_updates += 1
                     if masks_updated:  # RigL: the sparsity/ and rigl/ logs at every mask update (detail 7)
                         for key, value in {**rigl.metrics(q_network, obs_shape), **rigl.last}.items():

@@ -141,6 +141,7 @@ def test_pruned_weights_and_moments_stay_zero(pr):
         optimizer.zero_grad()
         loss.backward()
         updated = pruner.update_masks(count)
+        pruner.mask_gradients()
         optimizer.step()
         pruner.apply()
         if updated:

@@ -265,6 +265,7 @@ def test_inactive_weights_and_moments_stay_zero_and_grow_by_the_dense_gradient(r
         grads = {n: p.grad.clone() for n, p in rigl.params.items()}
         before = {n: m.clone() for n, m in rigl.masks.items()}
         updated = rigl.update_masks(count)
+        rigl.mask_gradients()
         optimizer.step()
         rigl.apply()
         if updated:
