@@ -222,7 +222,9 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", met
                 ax.plot(s, v, marker=".", label=arm)
             ax.set_title(key.replace("plasticity/", ""))
             ax.set_xlabel("environment steps")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # long step counts would overlap
         np.atleast_1d(axes)[0].legend()
+        fig.tight_layout()
         written += save(fig, out, prefix + "plasticity")
         plt.close(fig)
 
