@@ -204,6 +204,9 @@ def resolve_args(args: Args):
     """Check the flags against the environment (without creating it); returns the list of tasks (one)."""
     import envpool
 
+    negative = [(key, value) for key, value in vars(args).items() if type(value) is int and value < 0]
+    if negative:  # no count, size, period, budget or seed is negative (docs/conventions.md, section 10)
+        raise UserError(f"--{negative[0][0].replace('_', '-')} must be >= 0 (got {negative[0][1]})")
     known = envpool.list_all_envs()
     if args.env_id not in known:
         close = difflib.get_close_matches(args.env_id, known, n=3, cutoff=0.6)
@@ -776,16 +779,49 @@ def write_json(path: str, data: dict):
     os.replace(tmp, path)  # atomic: the harness never reads a half-written file
 
 
+def read_checkpoint(path: str, task: str, device) -> dict:
+    """An --eval-checkpoint file, read with safe loading only (tensors and plain containers: a file can never run code)
+    and checked to be a --save-model checkpoint trained on `task` (docs/conventions.md, section 10)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # empty, corrupt, or holding objects safe loading refuses: never retry it unsafely
+        raise UserError(f"--eval-checkpoint {path}: not a file safe loading can read ({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
+            and {"model", "obs_shape", "n_actions"} <= checkpoint.keys()):
+        raise UserError(f"--eval-checkpoint {path}: not a checkpoint written by --save-model")
+    trained_on = checkpoint["args"].get("env_ids") or [checkpoint["args"].get("env_id")]
+    if task not in trained_on:
+        raise UserError(f"--eval-checkpoint {path}: trained on {' '.join(map(str, trained_on))}, not on {task}")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, checkpoint: dict, path: str):
+    """module.load_state_dict(checkpoint's model) once every parameter name and shape agrees: a checkpoint of another
+    network (another script, other flags) is one line naming what differs, not torch's multi-line error."""
+    state = checkpoint["model"] if isinstance(checkpoint["model"], dict) else {}
+    ours = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    theirs = {key: tuple(getattr(value, "shape", ("?",))) for key, value in state.items()}
+    differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differ:
+        raise UserError(f"--eval-checkpoint {path}: written by {checkpoint.get('script', 'another script')}, whose "
+                        f"network differs from the one these flags build (in {', '.join(differ[:3])}"
+                        f"{', ...' * (len(differ) > 3)})")
+    module.load_state_dict(state)
+
+
 def run(args: Args) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     tasks = resolve_args(args)
     run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "config.json"), {
-        "args": dataclasses.asdict(args), "tasks": tasks, "family": "atari", "command": sys.argv,
-        "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    try:  # a directory that cannot be written is bad input, not a crash (docs/conventions.md, section 10)
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "config.json"), {
+            "args": dataclasses.asdict(args), "tasks": tasks, "family": "atari", "command": sys.argv,
+            "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    except OSError as err:
+        raise UserError(f"--output-dir {args.output_dir}: cannot write {run_dir} ({err.strerror or err})") from None
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
@@ -818,7 +854,7 @@ def run(args: Args) -> dict:
             return BBFNetwork(obs_shape, n_actions, net_args).to(device, memory_format=mf)
 
         if args.eval_checkpoint:  # evaluation only, with the network that acted (the EMA target by default)
-            checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
+            checkpoint = read_checkpoint(args.eval_checkpoint, args.env_id, device)
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):
                 raise UserError(f"the checkpoint's network takes observations {tuple(checkpoint['obs_shape'])} and "
                                 f"{checkpoint['n_actions']} actions; {args.env_id} has {tuple(obs_shape)} and {n_actions}")
@@ -826,7 +862,7 @@ def run(args: Args) -> dict:
             net_args = dataclasses.replace(args, **{k: saved[k] for k in (
                 "width_scale", "hidden_dim", "num_atoms", "v_max", "renormalize") if k in saved})
             network = new_network(net_args)
-            network.load_state_dict(checkpoint["model"])
+            load_weights(network, checkpoint, args.eval_checkpoint)
             envs.close()
             returns = evaluate(network, args.env_id, args, args.eval_episodes, args.eval_epsilon, args.seed, device)
             summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
@@ -938,7 +974,8 @@ def run(args: Args) -> dict:
         train_time = time.time() - start_time
         if args.save_model:
             model_path = os.path.join(run_dir, "model.pt")
-            torch.save({"model": acting.state_dict(), "online_model": online.state_dict(),
+            torch.save({"script": os.path.basename(__file__),  # named in load_weights' errors
+                        "model": acting.state_dict(), "online_model": online.state_dict(),
                         "target_model": target.state_dict(), "obs_shape": list(obs_shape),
                         "n_actions": int(n_actions), "args": dataclasses.asdict(args)}, model_path)
             summary["model_path"] = model_path

@@ -238,6 +238,9 @@ def resolve_args(args: Args):
     """Check the flags against the environments and fill in the family defaults; returns (tasks, family, spec)."""
     import envpool
 
+    negative = [(key, value) for key, value in vars(args).items() if type(value) is int and value < 0]
+    if negative:  # no count, size, period, budget or seed is negative (docs/conventions.md, section 10)
+        raise UserError(f"--{negative[0][0].replace('_', '-')} must be >= 0 (got {negative[0][1]})")
     tasks = list(args.env_ids) if args.env_ids else [args.env_id]
     minatar = tasks[0].startswith("MinAtar/")  # MinAtar games come from the minatar package, not EnvPool (detail 13)
     if any(task.startswith("MinAtar/") != minatar for task in tasks):
@@ -284,8 +287,6 @@ def resolve_args(args: Args):
     for name in ("num_envs", "batch_size", "buffer_size", "n_step", "target_network_frequency", "total_timesteps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.torch_threads < 0:
-        raise UserError("--torch-threads must be >= 0")
     if args.replay_ratio < 0 or not 0 <= args.end_e <= args.start_e <= 1:
         raise UserError("need --replay-ratio >= 0 and 0 <= end-e <= start-e <= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1000,6 +1001,36 @@ def write_json(path: str, data: dict):
     os.replace(tmp, path)  # atomic: the harness never reads a half-written file
 
 
+def read_checkpoint(path: str, task: str, device) -> dict:
+    """An --eval-checkpoint file, read with safe loading only (tensors and plain containers: a file can never run code)
+    and checked to be a --save-model checkpoint trained on `task` (docs/conventions.md, section 10)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # empty, corrupt, or holding objects safe loading refuses: never retry it unsafely
+        raise UserError(f"--eval-checkpoint {path}: not a file safe loading can read ({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
+            and {"model", "obs_shape", "n_actions"} <= checkpoint.keys()):
+        raise UserError(f"--eval-checkpoint {path}: not a checkpoint written by --save-model")
+    trained_on = checkpoint["args"].get("env_ids") or [checkpoint["args"].get("env_id")]
+    if task not in trained_on:
+        raise UserError(f"--eval-checkpoint {path}: trained on {' '.join(map(str, trained_on))}, not on {task}")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, checkpoint: dict, path: str):
+    """module.load_state_dict(checkpoint's model) once every parameter name and shape agrees: a checkpoint of another
+    network (another script, other flags) is one line naming what differs, not torch's multi-line error."""
+    state = checkpoint["model"] if isinstance(checkpoint["model"], dict) else {}
+    ours = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    theirs = {key: tuple(getattr(value, "shape", ("?",))) for key, value in state.items()}
+    differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differ:
+        raise UserError(f"--eval-checkpoint {path}: written by {checkpoint.get('script', 'another script')}, whose "
+                        f"network differs from the one these flags build (in {', '.join(differ[:3])}"
+                        f"{', ...' * (len(differ) > 3)})")
+    module.load_state_dict(state)
+
+
 def run(args: Args) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -1007,10 +1038,13 @@ def run(args: Args) -> dict:
     label = tasks[0].replace("/", "-") if len(tasks) == 1 else "seq"  # MinAtar/Breakout: a name, not a path
     run_name = args.run_name or f"{label}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "config.json"), {
-        "args": dataclasses.asdict(args), "tasks": tasks, "family": family, "command": sys.argv,
-        "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    try:  # a directory that cannot be written is bad input, not a crash (docs/conventions.md, section 10)
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "config.json"), {
+            "args": dataclasses.asdict(args), "tasks": tasks, "family": family, "command": sys.argv,
+            "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    except OSError as err:
+        raise UserError(f"--output-dir {args.output_dir}: cannot write {run_dir} ({err.strerror or err})") from None
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
@@ -1048,7 +1082,7 @@ def run(args: Args) -> dict:
         summary.update(params=sum(p.numel() for p in q_network.parameters()))  # SoftMoE (docs/dqn_softmoe.md, 9)
         writer.add_scalar("moe/params", summary["params"], 0)
         if args.eval_checkpoint:  # evaluation only
-            checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
+            checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0], device)
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):
                 raise UserError(f"the checkpoint's network takes observations {tuple(checkpoint['obs_shape'])} and "
                                 f"{checkpoint['n_actions']} actions; {tasks[0]} has {tuple(obs_shape)} and {n_actions}")
@@ -1057,8 +1091,8 @@ def run(args: Args) -> dict:
                 checkpoint["args"].get("scaled_baseline"))  # dqn.py's checkpoints: its dense layer (SoftMoE)
             if saved != {key: network[key] for key in saved}:
                 raise UserError("the checkpoint's network differs from the flags (docs/dqn_softmoe.md, detail 9): "
-                                + ", ".join(f"{key}={value}" for key, value in saved.items()))
-            q_network.load_state_dict(checkpoint["model"])
+                                "pass " + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in saved.items()))
+            load_weights(q_network, checkpoint, args.eval_checkpoint)
             envs.close()
             returns = evaluate(q_network, tasks[0], args, args.eval_episodes, args.eval_epsilon, args.seed, device)
             summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
@@ -1153,7 +1187,8 @@ def run(args: Args) -> dict:
         train_time = time.time() - start_time
         if args.save_model:
             model_path = os.path.join(run_dir, "model.pt")
-            torch.save({"model": q_network.state_dict(), "obs_shape": list(obs_shape), "n_actions": int(n_actions),
+            torch.save({"script": os.path.basename(__file__),  # named in load_weights' errors
+                        "model": q_network.state_dict(), "obs_shape": list(obs_shape), "n_actions": int(n_actions),
                         "args": dataclasses.asdict(args)}, model_path)
             summary["model_path"] = model_path
         if args.eval_episodes:

@@ -177,6 +177,9 @@ def resolve_args(args: Args):
     """Check the flags against the environments and fill in the defaults; returns (tasks, family)."""
     import envpool
 
+    negative = [(key, value) for key, value in vars(args).items() if type(value) is int and value < 0]
+    if negative:  # no count, size, period, budget or seed is negative (docs/conventions.md, section 10)
+        raise UserError(f"--{negative[0][0].replace('_', '-')} must be >= 0 (got {negative[0][1]})")
     tasks = list(args.env_ids) if args.env_ids else [args.env_id]
     known = envpool.list_all_envs()
     for task in tasks:
@@ -218,8 +221,6 @@ def resolve_args(args: Args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.replay_ratio < 0 or args.learning_starts < 0 or not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:
         raise UserError("need --replay-ratio >= 0, --learning-starts >= 0, 0 < tau <= 1 and 0 <= gamma <= 1")
-    if args.torch_threads < 0:
-        raise UserError("--torch-threads must be >= 0")
     if args.buffer_size < args.num_envs:
         raise UserError("--buffer-size must be >= --num-envs (one vector step adds num_envs transitions)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -610,16 +611,49 @@ def write_json(path: str, data: dict):
     os.replace(tmp, path)  # atomic: the harness never reads a half-written file
 
 
+def read_checkpoint(path: str, task: str, device) -> dict:
+    """An --eval-checkpoint file, read with safe loading only (tensors and plain containers: a file can never run code)
+    and checked to be a --save-model checkpoint trained on `task` (docs/conventions.md, section 10)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # empty, corrupt, or holding objects safe loading refuses: never retry it unsafely
+        raise UserError(f"--eval-checkpoint {path}: not a file safe loading can read ({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
+            and {"model", "obs_shape", "n_actions"} <= checkpoint.keys()):
+        raise UserError(f"--eval-checkpoint {path}: not a checkpoint written by --save-model")
+    trained_on = checkpoint["args"].get("env_ids") or [checkpoint["args"].get("env_id")]
+    if task not in trained_on:
+        raise UserError(f"--eval-checkpoint {path}: trained on {' '.join(map(str, trained_on))}, not on {task}")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, checkpoint: dict, path: str):
+    """module.load_state_dict(checkpoint's model) once every parameter name and shape agrees: a checkpoint of another
+    network (another script, other flags) is one line naming what differs, not torch's multi-line error."""
+    state = checkpoint["model"] if isinstance(checkpoint["model"], dict) else {}
+    ours = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    theirs = {key: tuple(getattr(value, "shape", ("?",))) for key, value in state.items()}
+    differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differ:
+        raise UserError(f"--eval-checkpoint {path}: written by {checkpoint.get('script', 'another script')}, whose "
+                        f"network differs from the one these flags build (in {', '.join(differ[:3])}"
+                        f"{', ...' * (len(differ) > 3)})")
+    module.load_state_dict(state)
+
+
 def run(args: Args) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     tasks, family = resolve_args(args)
     run_name = args.run_name or f"{tasks[0] if len(tasks) == 1 else 'seq'}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "config.json"), {
-        "args": dataclasses.asdict(args), "tasks": tasks, "family": family, "command": sys.argv,
-        "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    try:  # a directory that cannot be written is bad input, not a crash (docs/conventions.md, section 10)
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "config.json"), {
+            "args": dataclasses.asdict(args), "tasks": tasks, "family": family, "command": sys.argv,
+            "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    except OSError as err:
+        raise UserError(f"--output-dir {args.output_dir}: cannot write {run_dir} ({err.strerror or err})") from None
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
         f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
@@ -656,18 +690,16 @@ def run(args: Args) -> dict:
         qf1_target = SoftQNetwork(obs_dim, action_dim, critic_sem).to(device)
         qf2_target = SoftQNetwork(obs_dim, action_dim, critic_sem).to(device)
         if args.eval_checkpoint:  # evaluation only
-            checkpoint = torch.load(args.eval_checkpoint, map_location=device, weights_only=True)
+            checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0], device)
             trained = {k: v for k, v in checkpoint["args"].items() if k.startswith("sem_")} or {"sem_placement": "none"}
             if sem_settings(dataclasses.replace(args, **trained))[0] != actor_sem:  # sac.py's: no SEM
                 raise UserError(f"the checkpoint's actor was trained with the SEM settings {trained}: evaluate it with "
                                 f"the same --sem-* flags")
-            if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != ((obs_dim,), action_dim) or not (
-                    torch.equal(checkpoint["model"]["action_scale"].cpu(), actor.action_scale.cpu())
-                    and torch.equal(checkpoint["model"]["action_bias"].cpu(), actor.action_bias.cpu())):
+            if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != ((obs_dim,), action_dim):
                 raise UserError(f"the checkpoint's actor takes observations {tuple(checkpoint['obs_shape'])} and "
-                                f"{checkpoint['n_actions']}-dimensional actions (with its action bounds); {tasks[0]} "
-                                f"has ({obs_dim},) and {envs.action_space}")
-            actor.load_state_dict(checkpoint["model"])
+                                f"{checkpoint['n_actions']}-dimensional actions; {tasks[0]} has ({obs_dim},) and "
+                                f"{envs.action_space}")
+            load_weights(actor, checkpoint, args.eval_checkpoint)
             envs.close()
             returns = evaluate(actor, tasks[0], args, args.eval_episodes, args.seed, device)
             summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
@@ -799,7 +831,8 @@ def run(args: Args) -> dict:
         train_time = time.time() - start_time
         if args.save_model:
             model_path = os.path.join(run_dir, "model.pt")
-            torch.save({"model": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
+            torch.save({"script": os.path.basename(__file__),  # named in load_weights' errors
+                        "model": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
                         "log_alpha": float(log_alpha.item()), "obs_shape": [int(obs_dim)],
                         "n_actions": int(action_dim), "args": dataclasses.asdict(args)}, model_path)
             summary["model_path"] = model_path

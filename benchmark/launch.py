@@ -10,11 +10,16 @@ Layout under --output-dir (default `benchmarks/`): `<suite>/runs/<run_name>/` (w
 `<suite>/logs/<run_name>.attempt<k>.log` (stdout and stderr of each attempt), `<suite>/manifest.jsonl` (one line
 per attempt start and end: command, arm, env id, seed, code version, status, exit status, attempts, log tail).
 
+Before anything runs, the whole suite is checked (unknown scripts or keys, duplicate arm names, empty seed lists, then
+each distinct command line through its script's parser and flag checks): a bad suite is one line and exit status 2.
+
 Guarantees: a run whose summary.json says completed is never re-run or counted twice; a run killed mid-way
 (SIGKILL, OOM, node loss: no summary.json) is retried up to --max-attempts times, then reported as failed with
 its exit status and the tail of its log; a diverged run is final (it would diverge again). The previous attempt's
 files are moved aside, never mixed with a new attempt's. Children die with the launcher (Linux parent-death
-signal), so the launcher can be killed and restarted at any time: the restart re-runs what was not completed.
+signal), so the launcher can be killed and restarted at any time: the restart re-runs what was not completed, reports
+and re-runs a run whose summary.json is unreadable, and writes the end record (marked `reconciled`) of a run that
+finished while the launcher was being killed.
 
 On Slurm (`--executor slurm`, through submitit) each array task runs its runs with the same attempt loop on the
 node and writes the same manifest (a shared filesystem is assumed). The manifest also records which job each run
@@ -66,32 +71,115 @@ class Run:
                 "--output-dir", runs_dir, "--run-name", self.name]
 
 
+class SuiteError(Exception):
+    """A suite file that cannot run as written: reported as one line with exit status 2 before anything runs."""
+
+
+ARM_KEYS = {"name", "script", "env_ids", "sequences", "flags", "seeds"}
+SUITE_KEYS = {"name", "description", "seeds", "arms"}
+
+
 def load_suite(name_or_path: str) -> tuple[str, list[Run]]:
     """A suite file: `seeds = [...]` and `[[arms]]` tables with `name`, `script`, `env_ids` and/or `sequences`
     (`{label = [env ids]}`: task sequences, run with `--env-ids`, named by their label) and optional `flags` and
-    `seeds` (overriding the suite's). Returns (suite name, runs in launch order)."""
+    `seeds` (overriding the suite's). Returns (suite name, runs in launch order). Raises SuiteError on a file that
+    cannot run as written (the checks that need no script; `check_runs` asks the scripts about their flags)."""
     path = name_or_path if name_or_path.endswith(".toml") else os.path.join(SUITES, name_or_path + ".toml")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(SUITES) if f.endswith(".toml"))
-        raise SystemExit(f"error: no suite {name_or_path!r} (known: {', '.join(known)})")
-    with open(path, "rb") as f:
-        spec = tomllib.load(f)
+        raise SuiteError(f"no suite {name_or_path!r} (known: {', '.join(known)})")
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise SuiteError(f"{path}: not valid TOML ({err})") from None
+    unknown = sorted(set(spec) - SUITE_KEYS)
+    if unknown or not spec.get("arms") or not isinstance(spec["arms"], list):
+        raise SuiteError(f"{path}: needs [[arms]] tables and no keys but {sorted(SUITE_KEYS)} "
+                         f"(got {unknown or 'no arms'})")
     runs, names = [], set()
     for arm in spec["arms"]:
+        where = f"{path}: arm {arm.get('name', len(names) + 1)!r}"
+        unknown = sorted(set(arm) - ARM_KEYS)
+        if unknown or not isinstance(arm.get("name"), str) or not isinstance(arm.get("script"), str):
+            raise SuiteError(f"{where}: needs a name and a script, and no keys but {sorted(ARM_KEYS)} "
+                             f"(got {unknown or sorted(arm)})")
         if arm["name"] in names:
-            raise SystemExit(f"error: {path}: arm name {arm['name']!r} appears twice")
+            raise SuiteError(f"{path}: arm name {arm['name']!r} appears twice")
         names.add(arm["name"])
+        if not os.path.isfile(arm["script"] if os.path.isabs(arm["script"]) else script_path(arm["script"])):
+            raise SuiteError(f"{where}: no script {arm['script']!r} in algos/")
         tasks = [(env_id, []) for env_id in arm.get("env_ids", [])] + list(arm.get("sequences", {}).items())
         bad = [label for label, seq in tasks if "__" in label or ("/" in label and seq)] + \
             [k for k in ("name",) if "__" in arm["name"]]
         if bad or not tasks:
-            raise SystemExit(f"error: {path}: arm {arm['name']!r} needs env_ids or sequences, and names without "
-                             f"'__' (sequence labels also without '/') (got {bad or 'no tasks'})")
-        for seed in arm.get("seeds", spec.get("seeds", [1])):
+            raise SuiteError(f"{where}: needs env_ids or sequences, and names without '__' (sequence labels also "
+                             f"without '/') (got {bad or 'no tasks'})")
+        seeds = arm.get("seeds", spec.get("seeds", [1]))
+        if not isinstance(seeds, list) or not seeds or not all(type(x) is int and x >= 0 for x in seeds):
+            raise SuiteError(f"{where}: needs a non-empty list of seeds >= 0 (got {seeds!r})")
+        if not all(isinstance(x, (str, int, float, bool)) for x in arm.get("flags", [])):
+            raise SuiteError(f"{where}: flags must be a list of strings and numbers (got {arm['flags']!r})")
+        for seed in seeds:
             for label, sequence in tasks:
                 runs.append(Run(arm["name"], arm["script"], label, int(seed), [str(x) for x in arm.get("flags", [])],
                                 [str(x) for x in sequence]))
     return spec.get("name", os.path.basename(path)[:-5]), runs
+
+
+def tyro_message(text: str) -> str:
+    """The message inside tyro's boxed parse error, as one line."""
+    body, inside = [], False
+    for line in (line.strip() for line in text.splitlines()):
+        if line.startswith("---"):
+            if inside:
+                break
+            inside = True
+        elif inside and line:
+            body.append(line)
+        elif inside:
+            break
+    return " ".join(body) or text.strip().replace("\n", " ")[:300]
+
+
+def check_runs(suite_path: str, runs: list[Run]):
+    """Each distinct command line of the suite through its script's own parser and flag checks (tyro, then the
+    script's resolve_args: no environment is created, nothing is written), so a typo or a missing flag value is one
+    line before anything runs, not one failed run per seed. Scripts without the conventions' Args and resolve_args
+    (a user's own script) are left to fail at run time. `--device cuda` is checked as cpu: the launching machine
+    need not be the one with the GPU."""
+    import contextlib
+    import io
+
+    from utils.scripts import load_script
+
+    checked = set()
+    for run in runs:
+        key = (run.script, run.env_id, tuple(run.flags), tuple(run.sequence))
+        path = run.command("/unused")[1]
+        if key in checked:
+            continue
+        checked.add(key)
+        with open(path) as f:
+            source = f.read()
+        if "\nclass Args" not in source or "\ndef resolve_args(" not in source:
+            continue
+        import tyro
+
+        module = load_script(path)
+        where = f"{suite_path}: arm {run.arm!r} ({os.path.basename(path)} on {run.env_id})"
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
+                args = tyro.cli(module.Args, args=run.command("/unused")[2:])
+        except SystemExit:
+            raise SuiteError(f"{where}: {tyro_message(captured.getvalue())}") from None
+        if getattr(args, "device", None) == "cuda":
+            args.device = "cpu"
+        try:
+            module.resolve_args(args)
+        except module.UserError as err:
+            raise SuiteError(f"{where}: {err}") from None
 
 
 def read_status(run_dir: str) -> str | None:
@@ -276,17 +364,31 @@ def active_jobs(executor: str, job_ids: set[str]) -> set[str]:
 
 def plan(runs: list[Run], suite_dir: str, manifest: Manifest, max_attempts: int, executor: str):
     """Split the suite's runs into final ones ({name: status}), runs in flight on a cluster ({name: job id}) and
-    runs to (re)start now."""
+    runs to (re)start now. A run directory whose summary.json cannot be read is reported and re-run, never counted.
+    A final run whose attempt has no end record (the launcher was killed after the run finished and before it
+    wrote the record) gets one now, marked `reconciled`, so the manifest does not read as a killed run."""
     started, last_status, jobs = manifest.history()
     final, in_flight, todo = {}, {}, []
-    unfinished = {}
+    unfinished, unrecorded = {}, []
     for run in runs:
-        status = read_status(os.path.join(suite_dir, "runs", run.name))
+        run_dir = os.path.join(suite_dir, "runs", run.name)
+        status = read_status(run_dir)
         if status in FINAL:
             final[run.name] = status
+            if last_status.get(run.name) == "killed":
+                unrecorded.append(run)
         elif last_status.get(run.name) in ("submitted", "killed") and run.name in jobs:
             unfinished[run.name] = jobs[run.name]
-    alive = active_jobs(executor, set(unfinished.values())) if executor != "local" else set()
+        if status is None and os.path.exists(os.path.join(run_dir, "summary.json")):
+            print(f"  {run.name}: summary.json is unreadable (a torn or corrupt file): not counted, run again",
+                  flush=True)
+    job_ids = set(unfinished.values()) | {jobs[r.name] for r in unrecorded if r.name in jobs}
+    alive = active_jobs(executor, job_ids) if executor != "local" else set()
+    for run in unrecorded:
+        if jobs.get(run.name) not in alive:  # a job still alive writes its own end record
+            manifest.append({"event": "end", "run": run.name, "arm": run.arm, "env_id": run.env_id,
+                             "seed": run.seed, "attempt": started.get(run.name, 1), "status": final[run.name],
+                             "exit_status": None, "reconciled": True})
     for run in runs:
         if run.name in final:
             continue
@@ -361,6 +463,7 @@ def launch(suite: str, output_dir: str, workers: int, threads: int, max_attempts
     """Run (or submit) every run of the suite that is not completed and not in flight; returns {run name: status}
     (runs still queued or running on a cluster are `submitted`)."""
     name, runs = load_suite(suite)
+    check_runs(suite, runs)
     suite_dir = os.path.join(output_dir, name)
     if dry_run:
         for run in runs:
@@ -485,8 +588,12 @@ def main():
                            args.slurm_setup, dict(args.slurm_extra))
     wait = args.wait or args.executor == "submitit-local"
     every = args.poll if args.executor == "slurm" else 2.0 if args.executor == "submitit-local" else 10.0
-    results = launch(args.suite, args.output_dir, args.workers, args.threads_per_run, args.max_attempts,
-                     args.dry_run, every, args.executor, options, wait)
+    try:
+        results = launch(args.suite, args.output_dir, args.workers, args.threads_per_run, args.max_attempts,
+                         args.dry_run, every, args.executor, options, wait)
+    except SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(1 if any(s not in ("completed", "submitted") for s in results.values()) else 0)
 
 

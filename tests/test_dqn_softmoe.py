@@ -355,5 +355,5 @@ def test_minatar_moe_run_logs_moe_keys(moe, tmp_path, moe_type):
         model = os.path.join(run_dir, "model.pt")
         evaluated = run_in_process(moe, tmp_path, "eval", "MinAtar/Breakout", num_experts=4, eval_checkpoint=model)
         assert read_json(os.path.join(evaluated, "summary.json"))["eval_returns"] == summary["eval_returns"]
-        with pytest.raises(moe.UserError, match="num_experts=4"):
+        with pytest.raises(moe.UserError, match="--num-experts 4"):
             run_in_process(moe, tmp_path, "mismatch", "MinAtar/Breakout", num_experts=2, eval_checkpoint=model)

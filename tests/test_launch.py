@@ -116,7 +116,7 @@ def test_killed_run_is_retried_and_failures_are_reported(tmp_path):
     assert again == results and calls(tmp_path, "dead__EnvA-v0__s1") == 3
 
 
-def test_corrupt_summary_is_rerun(tmp_path):
+def test_corrupt_summary_is_rerun(tmp_path, capsys):
     suite, out = make_suite(tmp_path, [("base", "ok", 0)], seeds=(1,)), str(tmp_path / "out")
     launch.launch(suite, out, workers=1, threads=1, max_attempts=3, progress_every=0.2)
     summary = os.path.join(out, "t", "runs", "base__EnvA-v0__s1", "summary.json")
@@ -125,6 +125,7 @@ def test_corrupt_summary_is_rerun(tmp_path):
     results = launch.launch(suite, out, workers=1, threads=1, max_attempts=3, progress_every=0.2)
     assert results["base__EnvA-v0__s1"] == "completed"
     assert calls(tmp_path, "base__EnvA-v0__s1") == 2 and calls(tmp_path, "base__EnvB-v0__s1") == 1
+    assert "base__EnvA-v0__s1: summary.json is unreadable" in capsys.readouterr().out
 
 
 def test_launcher_killed_and_restarted(tmp_path):
@@ -154,8 +155,63 @@ def test_launcher_killed_and_restarted(tmp_path):
 
 
 def test_unknown_suite_is_a_one_line_error():
-    with pytest.raises(SystemExit, match="no suite"):
+    with pytest.raises(launch.SuiteError, match="no suite"):
         launch.load_suite("no-such-suite")
+
+
+def test_launcher_killed_between_a_run_and_its_end_record(tmp_path):
+    """Killed with -9 just after a run finished: the run is complete on disk but its attempt has no end record. The
+    relaunch does not run it again and writes the missing end record, marked reconciled, so the manifest does not
+    read as a killed run."""
+    suite, out = make_suite(tmp_path, [("base", "ok", 0)], seeds=(1,)), str(tmp_path / "out")
+    launch.launch(suite, out, workers=1, threads=1, max_attempts=2, progress_every=0.2)
+    records = manifest(out)
+    lost = next(r for r in records if r["event"] == "end" and r["run"] == "base__EnvA-v0__s1")
+    with open(os.path.join(out, "t", "manifest.jsonl"), "w") as f:  # the state the kill leaves behind
+        f.writelines(json.dumps(r) + "\n" for r in records if r is not lost)
+    path = os.path.join(out, "t", "manifest.jsonl")
+    assert launch.Manifest(path).history()[1]["base__EnvA-v0__s1"] == "killed"
+    results = launch.launch(suite, out, workers=1, threads=1, max_attempts=2, progress_every=0.2)
+    assert results == {"base__EnvA-v0__s1": "completed", "base__EnvB-v0__s1": "completed"}
+    assert calls(tmp_path, "base__EnvA-v0__s1") == 1
+    ends = [r for r in manifest(out) if r["event"] == "end" and r["run"] == "base__EnvA-v0__s1"]
+    assert len(ends) == 1 and ends[0]["reconciled"] and ends[0]["status"] == "completed" and ends[0]["attempt"] == 1
+    assert launch.Manifest(path).history()[1]["base__EnvA-v0__s1"] == "completed"
+    launch.launch(suite, out, workers=1, threads=1, max_attempts=2, progress_every=0.2)
+    assert len(manifest(out)) == len(records)  # nothing more: reconciled once, nothing re-run
+
+
+BAD_SUITES = {
+    "an unknown script": ('[[arms]]\nname = "a"\nscript = "dqn_nosuch.py"\nenv_ids = ["CartPole-v1"]\n',
+                          "dqn_nosuch.py"),
+    "a flag without its value": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n'
+                                 'flags = ["--learning-rate"]\n', "--learning-rate"),
+    "a flag the script lacks": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n'
+                                'flags = ["--no-such-flag", "1"]\n', "--no-such-flag"),
+    "a flag the script's checks refuse": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n'
+                                          'flags = ["--batch-size", "0"]\n', "--batch-size"),
+    "duplicate arm names": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n' * 2, "twice"),
+    "an empty seed list": ('seeds = []\n[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n',
+                           "seeds"),
+    "a misspelt key": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\nflag = ["--seed"]\n',
+                       "flag"),
+    "broken TOML": ('[[arms]]\nname = "a\n', "TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUITES))
+def test_bad_suite_is_one_line_before_anything_runs(case, tmp_path):
+    text, fragment = BAD_SUITES[case]
+    suite = tmp_path / "bad.toml"
+    suite.write_text('name = "bad"\n' + text)
+    out = tmp_path / "out"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmark.launch", "--suite", str(suite), "--output-dir", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (proc.returncode, proc.stderr)
+    assert fragment in lines[0], lines[0]
+    assert not out.exists(), "the launcher created its output before refusing the suite"
 
 
 def test_smoke_suite_end_to_end(tmp_path):

@@ -120,7 +120,7 @@ def test_eval_checkpoint_of_another_env_is_rejected(cartpole_run, tmp_path):
                             "--output-dir", str(tmp_path)], cwd=str(tmp_path), env=quiet_env())
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Acrobot-v1" in lines[0] and "(4,)" in lines[0], describe(proc)
+    assert len(lines) == 1 and "Acrobot-v1" in lines[0] and "CartPole-v1" in lines[0], describe(proc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

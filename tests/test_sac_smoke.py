@@ -148,11 +148,10 @@ def test_eval_checkpoint_run(hopper_run, tmp_path):
 
 
 def test_eval_checkpoint_of_another_env_is_rejected(hopper_run, tmp_path):
-    """A Hopper actor (11 inputs, 3 actions) cannot be evaluated on HalfCheetah (17 inputs, 6 actions): one line."""
+    """A Hopper actor cannot be evaluated on HalfCheetah (17 inputs, 6 actions): one line naming both tasks."""
     proc = run_sac(tmp_path, "bad", "--env-id", "HalfCheetah-v4", "--eval-checkpoint",
                    os.path.join(hopper_run, "model.pt"), "--eval-episodes", 1)
-    line = assert_one_line_error(proc, "HalfCheetah-v4", "(11,)")
-    assert "(17,)" in line
+    assert_one_line_error(proc, "HalfCheetah-v4", "Hopper-v4", "--eval-checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ import sys
 
 import pytest
 
-from helpers import load_script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmark.launch import SUITES, load_suite  # noqa: E402
+from benchmark.launch import SUITES, check_runs, load_suite  # noqa: E402
 
 SUITE_NAMES = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(SUITES, "*.toml")))
 
@@ -26,20 +25,7 @@ def test_the_documented_suites_exist():
 
 @pytest.mark.parametrize("suite", SUITE_NAMES)
 def test_every_run_of_the_suite_is_accepted_by_its_script(suite):
-    import tyro
-
     name, runs = load_suite(suite)
     assert name == suite and runs
     assert len({r.name for r in runs}) == len(runs), "two runs share a run name"
-    checked, modules = set(), {}
-    for run in runs:
-        argv = run.command("/tmp/unused")[2:]  # drop the interpreter and the script path
-        key = (run.script, run.env_id, tuple(run.flags), tuple(run.sequence))
-        if key in checked:  # the same run but for its seed
-            continue
-        checked.add(key)
-        if run.script not in modules:
-            modules[run.script] = load_script(run.script)
-        module = modules[run.script]
-        args = tyro.cli(module.Args, args=argv)
-        module.resolve_args(args)  # raises the script's UserError on a flag/task mismatch
+    check_runs(suite, runs)  # the launcher's own check: tyro, then the script's resolve_args (SuiteError if not)
