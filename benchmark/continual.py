@@ -16,6 +16,12 @@ For every completed run whose config.json has a task sequence (`env_ids` with mo
   whole visit and is reported as not recovered.
 - **policy path** (runs that write `gtr_tasks` in summary.json: algos/ppo_gtr.py, any --objective): divergence
   travelled, net displacement and their ratio (directional efficiency) per visit.
+- **trust-region activity** (runs that log `gtr/beyond_sigma` and `gtr/penalty`: algos/ppo_gtr.py): the mean of
+  each logged value within the visit, the weighted fraction of anchor divergences beyond sigma and the kernel
+  penalty, so one can see whether the Gaussian shape (beyond sigma) acts at all in a visit.
+- **from scratch**: a single-task run of the suite whose task is in a sequence and whose length is one visit
+  (`total_timesteps` = `steps_per_task`) is that task's from-scratch reference: its score (the last 25% of the run),
+  beside the visits. A visit that scores far below it is a failed transition, not a task the budget cannot learn.
 
 Writes `continual.md` and `continual_curves.png/.pdf` (mean training return of each arm over the whole sequence,
 task switches marked) to --out (default: the suite directory). Runs without a readable sequence are listed as
@@ -34,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark.report import check_suite_dir, fmt, suite_parser, write_markdown  # noqa: E402
 from utils import aggregate  # noqa: E402
-from utils.runs import collect, read_csv, read_flags, read_json  # noqa: E402
+from utils.runs import collect, read_csv, read_flags, read_json, read_scalars  # noqa: E402
 
 END_SHARE = 0.25  # the last quarter of a visit gives its score, the first quarter its start score
 WINDOW = 20  # episodes in the moving average of the recovery measure
@@ -80,9 +86,33 @@ def visit_measures(run_dir: str) -> dict:
     if path and len(path) == len(tasks):
         out["travelled"] = [float(p["travelled"]) for p in path]
         out["displacement"] = [float(p["displacement"]) for p in path]
+    scalars = read_scalars(run_dir) if any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir)) else {}
+    for key in ("beyond_sigma", "penalty"):
+        events = scalars.get(f"gtr/{key}")
+        if events:
+            at = np.array([e.step for e in events])
+            values = np.array([e.value for e in events])
+            out[key] = [float(values[(at > v * steps) & (at <= (v + 1) * steps)].mean())
+                        if ((at > v * steps) & (at <= (v + 1) * steps)).any() else float("nan")
+                        for v in range(len(tasks))]
     out["steps_per_task"] = steps
     out["curve"] = (ends, returns)
     return dict(out)
+
+
+def single_task_score(run_dir: str) -> tuple[str, int, float]:
+    """(task, total_timesteps, score) of a single-task run: the mean return of the episodes ending in its last 25%.
+    Raises ValueError when the run is a sequence or has no such episode."""
+    flags = read_flags(run_dir)
+    tasks = list(flags.get("env_ids") or []) or [flags.get("env_id")]
+    total = flags.get("total_timesteps")
+    if len(tasks) != 1 or not total:
+        raise ValueError("not a single-task run with total_timesteps")
+    _, rows = read_csv(os.path.join(run_dir, "episodes.csv"))
+    last = [float(r["episodic_return"]) for r in rows if int(r["global_step"]) > (1 - END_SHARE) * total]
+    if not last:
+        raise ValueError(f"no episode ended in the last {END_SHARE:.0%} of the run")
+    return tasks[0], int(total), float(np.mean(last))
 
 
 def mean_curve(curves: list, total: int, points: int) -> np.ndarray:
@@ -106,7 +136,7 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
     out = out or suite_dir
     os.makedirs(out, exist_ok=True)
     rows = collect(os.path.join(suite_dir, "runs"))
-    by_arm, excluded = defaultdict(list), []
+    by_arm, excluded, singles = defaultdict(list), [], []
     for r in sorted(rows, key=lambda r: (r["arm"], r["seed"])):
         if r["excluded"]:
             excluded.append((r, r["excluded"]))
@@ -114,11 +144,19 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
         try:
             measures = visit_measures(r["dir"])
         except (OSError, ValueError, KeyError) as e:
-            excluded.append((r, f"no per-visit measures: {e}"))
+            try:
+                singles.append((r, *single_task_score(r["dir"])))
+            except (OSError, ValueError, KeyError):
+                excluded.append((r, f"no per-visit measures: {e}"))
             continue
         by_arm[r["arm"]].append(measures)
+    visits = {(task, m["steps_per_task"]) for ms in by_arm.values() for m in ms for task in m["tasks"]}
+    excluded += [(r, "no per-visit measures: a single-task run that is no visit's from-scratch reference")
+                 for r, task, total, _ in singles if (task, total) not in visits]
+    singles = [single for single in singles if single[1:3] in visits]
     lines = [f"# Continual report: `{os.path.basename(os.path.normpath(suite_dir))}`", "",
-             f"Runs found: {len(rows)}; used: {sum(len(v) for v in by_arm.values())}; excluded: {len(excluded)}. "
+             f"Runs found: {len(rows)}; used: {sum(len(v) for v in by_arm.values()) + len(singles)} "
+             f"({len(singles)} as from-scratch references); excluded: {len(excluded)}. "
              f"Visit score: mean training return of the episodes ending in the last {END_SHARE:.0%} of a visit; "
              f"start: the first {END_SHARE:.0%}. Recovery: steps until the {WINDOW}-episode moving average reaches "
              f"{RECOVERED:.0%} of the score at the end of the task's previous visit (a task's first visit: of its own "
@@ -168,6 +206,20 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
                        lambda ms, v: f"{mean(ms, 'displacement', v):.3f}")
         lines += table("Directional efficiency = displacement / travelled (mean over runs)", "travelled",
                        lambda ms, v: f"{np.mean([m['displacement'][v] / m['travelled'][v] if m['travelled'][v] > 0 else 0.0 for m in ms]):.3f}")
+        lines += table("Fraction of anchor divergences beyond sigma per visit (mean of gtr/beyond_sigma)",
+                       "beyond_sigma", lambda ms, v: f"{mean(ms, 'beyond_sigma', v):.3f}")
+        lines += table("Kernel penalty per visit (mean of gtr/penalty)", "penalty",
+                       lambda ms, v: f"{mean(ms, 'penalty', v):.4f}")
+        scratch = [(r, task, score) for r, task, total, score in singles if task in tasks and total == steps]
+        if scratch:
+            lines += ["", "### From scratch: single-task runs of one visit's length (score: last quarter, mean)", "",
+                      "| arm | task | runs | score | visits of the task in the sequence (mean score over arms) |",
+                      "|---|---|---|---|---|"]
+            for (arm, task) in sorted({(r["arm"], task) for r, task, _ in scratch}):
+                values = [score for r, t, score in scratch if r["arm"] == arm and t == task]
+                visits = ", ".join(f"{v + 1}: {np.mean([mean(by_arm[a], 'score', v) for a in arms]):.3f}"
+                                   for v, t in enumerate(tasks) if t == task)
+                lines.append(f"| {arm} | {task} | {len(values)} | {np.mean(values):.3f} | {visits} |")
         if make_figures:
             import matplotlib
 

@@ -90,3 +90,48 @@ def test_report_tables_and_exclusions(tmp_path):
     assert "`good__seq__s9`: no per-visit measures: config.json has no task sequence" in text
     assert "Divergence travelled" not in text  # no run wrote gtr_tasks
     assert os.path.getsize(tmp_path / "out" / "continual_curves.png") > 1000
+
+
+def test_trust_region_activity_per_visit(tmp_path):
+    """gtr/beyond_sigma and gtr/penalty, averaged within each visit's steps (v S, (v + 1) S]."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = str(tmp_path / "suite" / "runs")
+    write_run(runs, "m", 1, episodes([1.0, 0.5, 1.0]))
+    run_dir = os.path.join(runs, "m__seq__s1")
+    writer = SummaryWriter(run_dir)
+    for step, beyond, penalty in ((500, 0.1, 0.01), (1000, 0.3, 0.03), (1500, 0.5, 0.2), (2600, 0.0, 0.0)):
+        writer.add_scalar("gtr/beyond_sigma", beyond, step)
+        writer.add_scalar("gtr/penalty", penalty, step)
+    writer.close()
+    m = continual.visit_measures(run_dir)
+    assert np.allclose(m["beyond_sigma"], [0.2, 0.5, 0.0]) and np.allclose(m["penalty"], [0.02, 0.2, 0.0])
+    text = open(continual.report(str(tmp_path / "suite"), str(tmp_path / "out"), reps=50, make_figures=False)).read()
+    assert "| m | 0.200 | 0.500 | 0.000 |" in text and "| m | 0.0200 | 0.2000 | 0.0000 |" in text
+
+
+def test_single_task_runs_of_one_visit_are_from_scratch_references(tmp_path):
+    runs = str(tmp_path / "suite" / "runs")
+    write_run(runs, "m", 1, episodes([1.0, 0.5, 1.0]))
+    for seed, level in ((1, 0.9), (2, 0.7)):  # B-v0 alone for one visit: score = mean of the last 25%
+        run_dir = os.path.join(runs, f"scratch__B-v0__s{seed}")
+        os.makedirs(run_dir)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"args": {"env_id": "B-v0", "env_ids": None, "total_timesteps": S}}, f)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"status": "completed", "total_timesteps": S, "final_train_return": level}, f)
+        with open(os.path.join(run_dir, "episodes.csv"), "w") as f:
+            f.write("global_step,episodic_return,episodic_length,task\n")
+            f.writelines(f"{step},{0.0 if step <= 750 else level},10,B-v0\n" for step in range(10, S + 1, 10))
+    other = os.path.join(runs, "long__B-v0__s1")  # two visits long: no visit's reference
+    os.makedirs(other)
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump({"args": {"env_id": "B-v0", "total_timesteps": 2 * S}}, f)
+    with open(os.path.join(other, "summary.json"), "w") as f:
+        json.dump({"status": "completed", "final_train_return": 1.0}, f)
+    with open(os.path.join(other, "episodes.csv"), "w") as f:
+        f.write("global_step,episodic_return,episodic_length,task\n1990,1.0,10,B-v0\n")
+    text = open(continual.report(str(tmp_path / "suite"), str(tmp_path / "out"), reps=50, make_figures=False)).read()
+    assert "| scratch | B-v0 | 2 | 0.800 | 2: 0.500 |" in text
+    assert "(2 as from-scratch references)" in text
+    assert "`long__B-v0__s1`: no per-visit measures: a single-task run that is no visit's from-scratch reference" in text
