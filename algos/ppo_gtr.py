@@ -8,28 +8,38 @@ not readable here.
 RECONSTRUCTION. Only the abstract was available: it says that GTR reshapes PPO's trust region with a Gaussian
 kernel into a bounded, non-monotonic constraint (strong near the reference policy, relaxing under sustained
 high-advantage updates) and that a "Mixture Gaussian Anchor" adapts the reference to recent policies. The
-equations, the divergence, the anchor's form and every default below are ours, chosen to have those properties;
-each piece is a flag so the paper's exact form can be dropped in (docs/ppo_gtr.md, "Known vs reconstructed").
+equations, the divergence, the anchor's form and every default below are ours, chosen to have those properties
+(in our reading the penalty is bounded and increases with the divergence; its force, the gradient, is the
+non-monotonic part); each piece is a flag so the paper's exact form can be dropped in (docs/ppo_gtr.md, "Known vs
+reconstructed").
 
 Method (as reconstructed): the clipped surrogate is replaced by the unclipped importance-weighted advantage plus a
 per-state penalty against a mixture of the last K policy snapshots pi_1..pi_K (weights w_k, sum 1):
     L_pi = -E[r A] + E_s[ sum_k w_k * beta * (1 - exp(-D_k(s)^2 / (2 sigma^2))) ],
-with D_k(s) = sqrt(2 KL(pi_k(.|s) || pi_theta(.|s))) by default. The penalty is bounded by beta; its force
-grows with D up to D = sigma, then vanishes, so it holds the policy near its recent past but lets a sustained
-advantage carry it away. `--objective kl` is the KL-penalty PPO baseline (a coefficient times the KL to the
-anchor, fixed by default at GTR's curvature beta / sigma^2, or adapted as in the PPO paper) and `--objective clip`
-is ppo.py's clipped surrogate, unchanged.
+with D_k(s) = sqrt(2 KL(pi_k(.|s) || pi_theta(.|s))) by default. The penalty increases with each D_k and is
+bounded by beta; it is 0 only where the policy equals every anchor (for K = 1: at the anchor). Its force grows
+with D up to D = sigma, then vanishes, so it holds the policy near its recent past but lets a sustained advantage
+carry it away. While every D_k is below sigma it is a KL penalty toward the anchors' mixture (docs/ppo_gtr.md,
+"Method"). `--objective kl` is the KL-penalty PPO baseline (a coefficient times the KL to the anchor, fixed by
+default at GTR's curvature beta / sigma^2, or adapted as in the PPO paper) and `--objective clip` is ppo.py's
+clipped surrogate, unchanged. The anchor's freshness is a flag too (`--anchor-refresh epoch|minibatch`,
+`--anchor-type ema`; reconstructions, ours).
 
 Differences from the base script (`diff algos/ppo.py algos/ppo_gtr.py` shows exactly these):
   - flags `--objective` (gtr, kl, clip), `--gtr-*` (beta, sigma, divergence, kernel, surrogate), `--anchor-*`
-    (snapshots K, type, weighting, decay, reset at a task switch) and `--kl-coef`, `--kl-target`, checked in
-    `resolve_args`;
-  - `AnchorWindow` (the K snapshots), `anchor_divergences`, `gtr_penalty`, `adapt_kl_coef` and
-    `anchor_diagnostics`;
+    (snapshots K, type mixture|single|ema, weighting, decay, reset at a task switch), `--kl-coef`, `--kl-target`
+    and, in a block of their own, `--anchor-refresh` (rollout, epoch, minibatch) and `--anchor-ema-rate`; their
+    defaults and checks in `resolve_args` (one-line errors for combinations that would silently do nothing or
+    mismatch, such as `--objective kl --gtr-divergence kl` without `--kl-coef`);
+  - `AnchorWindow` (the K snapshots), `policy_outputs`, `EmaAnchor` and `ema_update` (the EMA anchor),
+    `step_anchor` (the anchor one minibatch's loss sees: refreshed or EMA), `anchor_divergences`, `gtr_penalty`,
+    `adapt_kl_coef` and `anchor_diagnostics`;
   - in `ppo_loss` the penalty (and the unclipped surrogate) for `--objective gtr|kl`;
-  - in the training loop: a snapshot per iteration, the anchors' outputs on the rollout, the KL coefficient's
-    adaptation, the `gtr/` logs (divergence to the anchors, fraction beyond sigma, penalty, divergence travelled
-    and net displacement per task) and `gtr_tasks` in summary.json.
+  - in the training loop: a snapshot per iteration, the anchors' outputs on the rollout, the refreshed anchor at
+    the start of each epoch (`--anchor-refresh epoch`), the anchor of each minibatch (`step_anchor`), the EMA's
+    update after each optimizer step, the KL coefficient's adaptation, the `gtr/` logs (divergence to the anchors,
+    fraction beyond sigma, penalty, divergence travelled and net displacement per task) and `gtr_tasks` in
+    summary.json.
 
 Base script: algos/ppo.py (PPO with CleanRL's details; docs/ppo.md). Docs: docs/ppo_gtr.md. Conventions every
 script follows: docs/conventions.md.
@@ -191,20 +201,26 @@ class Args:
     [reconstruction, ours: D = 0.2 is a KL of 0.02, the scale of one PPO update's KL]"""
     gtr_divergence: Literal["kl-distance", "kl", "log-ratio"] = "kl-distance"
     """GTR: the per-state divergence D to an anchor: kl-distance = sqrt(2 KL(anchor || pi)) (locally the Fisher-Rao
-    distance), kl = KL(anchor || pi), log-ratio = |log pi(a|s) - log anchor(a|s)| on the sampled action
+    distance); kl = KL(anchor || pi), whose kernel has zero curvature at the anchor (P ~ beta KL^2 / (2 sigma^2)), so
+    --objective kl then needs an explicit --kl-coef; log-ratio = |log pi(a|s) - log anchor(a|s)| on the sampled
+    action, which the rollout policy drew: for every anchor but pi_old it averages over pi_old's actions, not the
+    anchor's (a bias we keep: importance weights would unbound the penalty; docs/ppo_gtr.md, detail 2)
     [reconstruction, ours]"""
     gtr_kernel: Literal["gaussian", "quadratic"] = "gaussian"
-    """GTR: gaussian = beta (1 - exp(-D^2 / (2 sigma^2))); quadratic = beta D^2 / (2 sigma^2), the kernel's
-    unbounded, monotonic second-order expansion (an ablation) [reconstruction]"""
+    """GTR: gaussian = beta (1 - exp(-D^2 / (2 sigma^2))), bounded, its force rising then fading with D; quadratic =
+    beta D^2 / (2 sigma^2), the kernel's unbounded second-order expansion, whose force keeps growing with D (an
+    ablation) [reconstruction]"""
     gtr_surrogate: Literal["unclipped", "clipped"] = "unclipped"
     """--objective gtr|kl: the advantage term, the unclipped -r A (the kernel is the trust region) or ppo.py's
     clipped one [reconstruction; the PPO paper's KL-penalty variant is unclipped]"""
     anchor_snapshots: Optional[int] = None
     """K, the number of policy snapshots in the anchor window (the rollout policy and the K-1 before it)
-    [default: 4 (reconstruction, ours); 1 for --objective kl, the PPO paper's pi_old]"""
-    anchor_type: Literal["mixture", "single"] = "mixture"
+    [default: 4 (reconstruction, ours); 1 for --objective kl, the PPO paper's pi_old, and for --anchor-type ema]"""
+    anchor_type: Literal["mixture", "single", "ema"] = "mixture"
     """mixture = the kernel is a weighted mixture over all K snapshots (reconstruction of the Mixture Gaussian
-    Anchor); single = only the oldest snapshot of the window, a reference K-1 iterations stale"""
+    Anchor); single = only the oldest snapshot of the window, a reference K-1 iterations stale; ema = one anchor, an
+    exponential moving average of the policy network's parameters updated after every optimizer step
+    (--anchor-ema-rate; reconstruction, ours)"""
     anchor_weighting: Literal["uniform", "geometric"] = "uniform"
     """mixture weights over the snapshots, newest first: uniform 1/K, or geometric (decay^k, normalised)
     [reconstruction, ours]"""
@@ -215,11 +231,24 @@ class Args:
     changed, so by default the old task's snapshots stay in the window until they age out)"""
     kl_coef: Optional[float] = None
     """--objective kl: the KL coefficient (the initial one with --kl-target) [default gtr_beta / gtr_sigma^2 = 7.5,
-    GTR's curvature at the anchor with the default D, so that the two differ only away from the anchor; the PPO
-    paper tried fixed coefficients 0.3-10]"""
+    GTR's curvature at the anchor with the default D (kl-distance; log-ratio to second order), so that against the
+    same anchors the two differ only away from them; with --gtr-divergence kl GTR has no curvature there, so that
+    combination needs an explicit value; the PPO paper tried fixed coefficients 0.3-10]"""
     kl_target: Optional[float] = None
     """--objective kl: adaptive coefficient (PPO paper, section 4; 0.01 was its best): halved when the update's KL is
     below kl_target / 1.5, doubled above 1.5 kl_target [default None: fixed coefficient]"""
+
+    # --- GTR: fresher anchors (reconstructions, ours; docs/ppo_gtr.md, detail 6 and "Hyperparameters") ---
+    anchor_refresh: Literal["rollout", "epoch", "minibatch"] = "rollout"
+    """--objective gtr|kl: when the newest anchor pi_1 is re-taken from the current policy (the older snapshots stay
+    as they are): rollout = once per iteration, before the update (pi_1 = pi_old); epoch = at the start of every
+    update epoch; minibatch = before every minibatch step, where pi_1's own term has no gradient (the step starts at
+    it), so only pi_2..pi_K pull (needs K >= 2) [reconstruction, ours: readings of the abstract's anchor that
+    "adapts to recent policy trajectories"; docs/ppo_gtr.md, detail 6, takes epoch as the most faithful]"""
+    anchor_ema_rate: float = 0.1
+    """--anchor-type ema: after every optimizer step the anchor's parameters become (1 - rate) ema + rate theta; mean
+    age (1 - rate) / rate steps, 9 at 0.1 (about half an iteration at the classic and Atari defaults' 16 steps per
+    iteration) [reconstruction, ours]"""
 
 
 class UserError(Exception):
@@ -385,15 +414,34 @@ def resolve_args(args: Args):
     if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
         raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
     if args.anchor_snapshots is None:  # defaults: docs/ppo_gtr.md, "Hyperparameters"
-        args.anchor_snapshots = 1 if args.objective == "kl" else 4
+        args.anchor_snapshots = 1 if args.objective == "kl" or args.anchor_type == "ema" else 4
     if args.anchor_snapshots < 1:
         raise UserError(f"--anchor-snapshots must be >= 1; got {args.anchor_snapshots}")
     if not (args.gtr_sigma > 0 and args.gtr_beta >= 0 and 0 < args.anchor_decay <= 1):
         raise UserError("need --gtr-sigma > 0, --gtr-beta >= 0 and 0 < --anchor-decay <= 1")
+    if args.kl_coef is None and args.objective == "kl" and args.gtr_divergence == "kl":  # docs/ppo_gtr.md, detail 2
+        raise UserError("--objective kl with --gtr-divergence kl needs an explicit --kl-coef: the default, gtr_beta / "
+                        "gtr_sigma^2, is GTR's curvature at the anchor with D = sqrt(2 KL); with D = KL GTR has none")
     if args.kl_coef is None:  # GTR's curvature at the anchor, beta / sigma^2 with the default D (kl-distance)
         args.kl_coef = args.gtr_beta / args.gtr_sigma**2
     if args.kl_coef < 0 or (args.kl_target is not None and args.kl_target <= 0):
         raise UserError("need --kl-coef >= 0 and --kl-target > 0 (or None for a fixed coefficient)")
+    # Fresher anchors (docs/ppo_gtr.md, detail 6): combinations that would silently change nothing are refused
+    if not 0 < args.anchor_ema_rate <= 1:
+        raise UserError(f"--anchor-ema-rate must be in (0, 1]; got {args.anchor_ema_rate}")
+    if args.anchor_type == "ema" and (args.anchor_snapshots != 1 or args.anchor_refresh != "rollout"):
+        raise UserError("--anchor-type ema is one anchor that follows every optimizer step: it takes neither "
+                        f"--anchor-snapshots > 1 (got {args.anchor_snapshots}) nor --anchor-refresh (got "
+                        f"{args.anchor_refresh})")
+    if args.anchor_refresh != "rollout" and args.objective == "clip":
+        raise UserError(f"--anchor-refresh {args.anchor_refresh} changes the penalty of --objective gtr|kl; "
+                        "--objective clip has none")
+    if args.anchor_refresh != "rollout" and args.anchor_type == "single" and args.anchor_snapshots > 1:
+        raise UserError(f"--anchor-refresh {args.anchor_refresh} re-takes the newest snapshot, but --anchor-type "
+                        f"single with --anchor-snapshots {args.anchor_snapshots} weights only the oldest")
+    if args.anchor_refresh == "minibatch" and args.anchor_snapshots == 1:
+        raise UserError("--anchor-refresh minibatch with one anchor (--anchor-snapshots 1): every step starts at "
+                        "its anchor, where the penalty's gradient is 0, so the penalty would do nothing")
     return tasks, family
 
 
@@ -729,11 +777,88 @@ class AnchorWindow:
         return torch.stack(outs, dim=1), (torch.stack(log_stds) if log_stds else None)
 
 
+@torch.no_grad()
+def policy_outputs(net: nn.Module, obs: torch.Tensor):
+    """One network's policy on `obs` in `AnchorWindow.outputs`' format, as one anchor: log-probabilities (N, 1, A) or
+    Gaussian means (N, 1, D), and the log-std (1, D) (a copy: the live agent's changes in place; None for a
+    categorical policy)."""
+    policy_out = net(obs)[0]
+    out = policy_out if net.continuous else torch.log_softmax(policy_out, dim=-1)
+    return out.unsqueeze(1), (net.actor_logstd[:1].clone() if net.continuous else None)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, rate: float):
+    """ema <- (1 - rate) ema + rate net, parameter by parameter (docs/ppo_gtr.md, detail 6)."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, rate)
+
+
+class EmaAnchor:
+    """--anchor-type ema (docs/ppo_gtr.md, detail 6; a reconstruction, ours): one anchor, a frozen copy of the agent
+    whose parameters follow an exponential moving average of the agent's, updated after every optimizer step
+    (`update`). It starts as a copy of the first policy pushed (the first rollout's, or the current one after
+    `clear` at a task switch with --anchor-reset-on-switch); later pushes only record the iteration. The same
+    interface as `AnchorWindow`, with one anchor of weight 1; `step_anchor` takes its outputs on each minibatch just
+    before the step. `age` is its mean age in optimizer steps, age <- (1 - rate) (age + 1); `iterations` converts
+    the age at the push to iterations of `steps_per_iteration` steps (the nominal update_epochs x num_minibatches)."""
+
+    def __init__(self, rate: float, steps_per_iteration: int):
+        self.rate, self.steps_per_iteration = rate, max(steps_per_iteration, 1)
+        self.net, self.iteration, self.age, self.age_at_push = None, 0, 0.0, 0.0
+
+    def __len__(self) -> int:
+        return 0 if self.net is None else 1
+
+    def push(self, agent: nn.Module, iteration: int):
+        if self.net is None:
+            self.net, self.age = copy.deepcopy(agent).requires_grad_(False), 0.0
+        self.iteration, self.age_at_push = iteration, self.age
+
+    def clear(self):
+        self.net = None
+
+    def iterations(self) -> list[float]:
+        return [self.iteration - self.age_at_push / self.steps_per_iteration]
+
+    def weights(self, device=None) -> torch.Tensor:
+        return torch.ones(len(self), device=device)
+
+    def update(self, agent: nn.Module):
+        ema_update(self.net, agent, self.rate)
+        self.age = (1.0 - self.rate) * (self.age + 1.0)
+
+    def outputs(self, obs: torch.Tensor):
+        return policy_outputs(self.net, obs)
+
+
+@torch.no_grad()
+def step_anchor(anchor: dict, anchors, agent: nn.Module, obs: torch.Tensor, index: torch.Tensor, epoch_out,
+                args: Args) -> dict:
+    """The anchor a loss on the rollout's states obs[index] sees (docs/ppo_gtr.md, detail 6). `anchor` holds the
+    anchors' outputs on the whole rollout as taken after it (`out`, `logstd`), the weights and the KL coefficient.
+    --anchor-refresh rollout: those outputs; epoch: pi_1's column replaced by `epoch_out`, the policy's outputs at
+    the start of the epoch (`policy_outputs` on the rollout); minibatch: by the current policy's outputs on
+    obs[index]; --anchor-type ema: the EMA network's outputs on obs[index] (`anchors` is the `EmaAnchor`)."""
+    if args.anchor_type == "ema":
+        out, logstd = anchors.outputs(obs[index])
+        return dict(anchor, out=out, logstd=logstd)
+    out, logstd = anchor["out"][index], anchor["logstd"]
+    if args.anchor_refresh != "rollout":
+        fresh, fresh_logstd = ((epoch_out[0][index], epoch_out[1]) if args.anchor_refresh == "epoch"
+                               else policy_outputs(agent, obs[index]))
+        out = torch.cat([fresh, out[:, 1:]], dim=1)
+        logstd = None if logstd is None else torch.cat([fresh_logstd, logstd[1:]])
+    return dict(anchor, out=out, logstd=logstd)
+
+
 def anchor_divergences(agent, policy_out, logprobs, actions, anchor_out, anchor_logstd, divergence: str):
     """Per sample and anchor, shape (B, K): the squared divergence D^2 the kernel takes, and KL(anchor || pi)
     (docs/ppo_gtr.md, detail 2). `policy_out` is the current policy's logits (B, A) or means (B, D), `logprobs` its
     log-probabilities of `actions`; `anchor_out`, `anchor_logstd` come from `AnchorWindow.outputs`. D^2 is returned
-    rather than D so that the kernel is smooth at D = 0 (sqrt(2 KL) is not)."""
+    rather than D so that the kernel is smooth at D = 0 (sqrt(2 KL) is not). log-ratio is evaluated on the sampled
+    actions, which pi_old drew: for an anchor other than pi_old the mean over them is not the anchor's own
+    expectation (a bias kept on purpose, detail 2)."""
     if agent.continuous:
         mean, log_std, a_log_std = policy_out.unsqueeze(1), agent.actor_logstd.unsqueeze(0), anchor_logstd.unsqueeze(0)
         kl = (log_std - a_log_std + ((2 * a_log_std).exp() + (anchor_out - mean) ** 2) / (2 * (2 * log_std).exp())
@@ -748,14 +873,15 @@ def anchor_divergences(agent, policy_out, logprobs, actions, anchor_out, anchor_
         d2 = 2.0 * kl
     elif divergence == "kl":
         d2 = kl**2
-    else:  # log-ratio: |log pi(a|s) - log pi_k(a|s)| on the sampled action
+    else:  # log-ratio: |log pi(a|s) - log pi_k(a|s)| on the sampled action (drawn by pi_old, not pi_k: detail 2)
         d2 = (logprobs.unsqueeze(1) - anchor_logprobs) ** 2
     return d2, kl
 
 
 def gtr_penalty(d2: torch.Tensor, weights: torch.Tensor, beta: float, sigma: float, kernel: str = "gaussian"):
     """GTR's penalty per sample (docs/ppo_gtr.md, detail 1): beta * sum_k w_k (1 - exp(-D_k^2 / (2 sigma^2))),
-    bounded by beta (weights sum to 1); `quadratic` is its monotonic expansion beta * sum_k w_k D_k^2 / (2 sigma^2)."""
+    bounded by beta (weights sum to 1) and increasing in each D_k; `quadratic` is its unbounded expansion
+    beta * sum_k w_k D_k^2 / (2 sigma^2)."""
     scaled = d2 / (2.0 * sigma**2)
     per_anchor = -torch.expm1(-scaled) if kernel == "gaussian" else scaled
     return beta * (per_anchor * weights).sum(-1)
@@ -775,17 +901,20 @@ def adapt_kl_coef(kl_coef: float, kl: float, target: Optional[float]) -> float:
 
 @torch.no_grad()
 def anchor_diagnostics(agent, obs, actions, anchor_out, anchor_logstd, weights, start_out, start_logstd,
-                       args: Args) -> dict[str, float]:
+                       args: Args, old_out=None, old_logstd=None) -> dict[str, float]:
     """The gtr/ diagnostics on the rollout's valid steps after the update, for every objective (docs/ppo_gtr.md,
     detail 5): D to the anchors (weighted), D(pi_old, pi_new) of this update, the weighted fraction of D_k > sigma,
-    the GTR penalty, the weighted KL(anchor || pi), and D from the policy at the start of the task."""
+    the GTR penalty, the weighted KL(anchor || pi), and D from the policy at the start of the task. pi_old is the
+    first anchor, or `old_out` when the anchors do not hold it (--anchor-type ema, detail 6)."""
     policy_out = agent(obs)[0]
     logprobs = agent.log_prob_entropy(policy_out, actions)[0]
     d2, kl = anchor_divergences(agent, policy_out, logprobs, actions, anchor_out, anchor_logstd, args.gtr_divergence)
     dist = d2.clamp_min(0.0).sqrt()
     start_d2 = anchor_divergences(agent, policy_out, logprobs, actions, start_out, start_logstd, args.gtr_divergence)[0]
+    update = dist[:, 0] if old_out is None else anchor_divergences(
+        agent, policy_out, logprobs, actions, old_out, old_logstd, args.gtr_divergence)[0][:, 0].clamp_min(0.0).sqrt()
     return dict(
-        divergence=(dist.mean(0) * weights).sum().item(), update_divergence=dist[:, 0].mean().item(),
+        divergence=(dist.mean(0) * weights).sum().item(), update_divergence=update.mean().item(),
         beyond_sigma=((dist > args.gtr_sigma).float().mean(0) * weights).sum().item(),
         penalty=gtr_penalty(d2, weights, args.gtr_beta, args.gtr_sigma, args.gtr_kernel).mean().item(),
         kl_to_anchor=(kl.mean(0) * weights).sum().item(), displacement=start_d2.clamp_min(0.0).sqrt().mean().item())
@@ -1074,6 +1203,8 @@ def run(args: Args) -> dict:
         # GTR / KL-PPO (docs/ppo_gtr.md, details 3-5): the anchor window, the policy at the start of the current task
         # (for the displacement), the KL coefficient, and the divergence travelled within the task
         anchors = AnchorWindow(args.anchor_snapshots, args.anchor_type, args.anchor_weighting, args.anchor_decay)
+        if args.anchor_type == "ema":  # one anchor, an EMA of the parameters (detail 6)
+            anchors = EmaAnchor(args.anchor_ema_rate, args.update_epochs * args.num_minibatches)
         task_start = AnchorWindow(1)
         task_start.push(agent, 1)
         kl_coef, travelled, displacement = args.kl_coef, 0.0, 0.0
@@ -1139,21 +1270,26 @@ def run(args: Args) -> dict:
             b_values = torch.from_numpy(values_buf.reshape(-1)).to(device)
             anchors.push(agent, iteration)  # pi_old joins the window, a full window drops its oldest (detail 3)
             anchor_out, anchor_logstd = anchors.outputs(b_obs)
-            anchor = dict(logstd=anchor_logstd, weights=anchors.weights(device), kl_coef=kl_coef)
+            anchor = dict(out=anchor_out, logstd=anchor_logstd, weights=anchors.weights(device), kl_coef=kl_coef)
+            pi_old = policy_outputs(agent, b_obs) if args.anchor_type == "ema" else (None, None)  # for detail 5
 
             clipfracs, penalties = [], []
             for epoch in range(args.update_epochs):  # minibatch epochs (detail 10)
+                epoch_out = policy_outputs(agent, b_obs) if args.anchor_refresh == "epoch" else None  # GTR, detail 6
                 for mb in minibatches(valid_buf, args.num_minibatches, rng):
                     mb_t = torch.from_numpy(mb).to(device)
                     batch = (b_obs[mb_t], b_actions[mb_t], b_logprobs[mb_t], b_advantages[mb_t], b_returns[mb_t],
                              b_values[mb_t])
-                    loss, loss_stats = ppo_loss(agent, *batch, args, anchor=dict(anchor, out=anchor_out[mb_t]))[:2]
+                    mb_anchor = step_anchor(anchor, anchors, agent, b_obs, mb_t, epoch_out, args)  # GTR, detail 6
+                    loss, loss_stats = ppo_loss(agent, *batch, args, anchor=mb_anchor)[:2]
                     if not math.isfinite(loss.item()):
                         raise Diverged(f"non-finite PPO loss ({loss.item()}) at global_step={global_step}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # global clipping (detail 10)
                     optimizer.step()
+                    if args.anchor_type == "ema":  # the EMA anchor follows every optimizer step (GTR, detail 6)
+                        anchors.update(agent)
                     num_updates += 1
                     clipfracs.append(loss_stats["clipfrac"].item())
                     if "penalty" in loss_stats:
@@ -1164,8 +1300,8 @@ def run(args: Args) -> dict:
                             valid_idx, min(args.metrics_batch_size, len(valid_idx)), replace=False)).to(device)
                         metrics_batch = (b_obs[sample], b_actions[sample], b_logprobs[sample], b_advantages[sample],
                                          b_returns[sample], b_values[sample])
-                        for key, value in plasticity_metrics(agent, metrics_batch, args,
-                                                             anchor=dict(anchor, out=anchor_out[sample])).items():
+                        metrics_anchor = step_anchor(anchor, anchors, agent, b_obs, sample, epoch_out, args)
+                        for key, value in plasticity_metrics(agent, metrics_batch, args, anchor=metrics_anchor).items():
                             writer.add_scalar(key, value, global_step)
                 if args.target_kl is not None and loss_stats["approx_kl"].item() > args.target_kl:
                     break
@@ -1175,7 +1311,8 @@ def run(args: Args) -> dict:
             # gtr/ diagnostics after the update, for every objective (detail 5); KL-PPO's coefficient adapts (detail 4)
             valid_t = torch.from_numpy(np.flatnonzero(valid_flat)).to(device)
             gtr = anchor_diagnostics(agent, b_obs[valid_t], b_actions[valid_t], anchor_out[valid_t], anchor_logstd,
-                                     anchor["weights"], *task_start.outputs(b_obs[valid_t]), args)
+                                     anchor["weights"], *task_start.outputs(b_obs[valid_t]), args,
+                                     None if pi_old[0] is None else pi_old[0][valid_t], pi_old[1])
             travelled, displacement = travelled + gtr["update_divergence"], gtr["displacement"]
             for key, value in gtr.items():
                 writer.add_scalar(f"gtr/{key}", value, global_step)

@@ -2,11 +2,14 @@
 falling with the divergence), the divergences against torch.distributions, the reduction to ppo.py's loss with
 --objective clip (and with beta = 0 on the clipped surrogate), the GTR and KL-PPO losses against direct
 computations, the anchor window's bookkeeping (K snapshots, newest first, frozen, oldest dropped, weights summing
-to 1), KL-PPO's adaptive coefficient, and end-to-end runs (gtr/ logs, ppo.py's episodes with --objective clip, the
-window across iterations and a task switch, determinism, bad input)."""
+to 1), KL-PPO's adaptive coefficient, the mixture-KL identity of docs/ppo_gtr.md ("Method"), the fresher anchors
+(--anchor-refresh epoch|minibatch and the EMA anchor, against hand computations inside real runs; the default path
+unchanged), and end-to-end runs (gtr/ logs, ppo.py's episodes with --objective clip, the window across iterations
+and a task switch, determinism, bad input)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -16,8 +19,8 @@ import torch
 from torch.distributions import Categorical, Independent, Normal, kl_divergence
 
 from helpers import (
-    assert_one_line_error, assert_seed_determinism, describe, load_script, read_json, read_scalars, run_script,
-    script_path,
+    assert_one_line_error, assert_seed_determinism, describe, load_script, read_json, read_scalars, run_in_process,
+    run_script, script_path,
 )
 
 GTR = script_path("ppo_gtr")
@@ -61,7 +64,8 @@ def values(scalars, key) -> list[float]:
 
 
 def test_penalty_is_bounded_by_beta(gtr):
-    """0 at the anchors, below beta everywhere, beta far from every anchor; the quadratic ablation is unbounded."""
+    """0 where every D_k is 0 (with K > 1 not at any one anchor: next lines), below beta everywhere, beta far from
+    every anchor; the quadratic ablation is unbounded."""
     torch.manual_seed(0)
     beta, sigma = 0.3, 0.2
     weights = torch.softmax(torch.randn(4), 0)
@@ -326,6 +330,183 @@ def test_anchor_weights(gtr):
     assert single.iterations()[-1] == 3  # the single anchor is 3 iterations older than the rollout policy
 
 
+def test_mixture_kl_is_kl_to_the_mixture_plus_a_constant(gtr):
+    """docs/ppo_gtr.md, "Method": sum_k w_k KL(pi_k || pi) = KL(pi_bar || pi) + C, pi_bar = sum_k w_k pi_k, C the
+    anchors' generalised Jensen-Shannon divergence, the same for every current policy pi; so near the anchors
+    GTR's penalty is (beta / sigma^2) (KL(pi_bar || pi) + C)."""
+    agent, (obs, actions, *_) = make_batch(gtr, False)
+    window = perturbed_window(gtr, agent, 4)
+    anchor_out, _ = window.outputs(obs)
+    weights = window.weights()
+    mixture = (anchor_out.exp() * weights.view(1, -1, 1)).sum(1)  # pi_bar, (B, A)
+    entropy = lambda p: -(p * p.log()).sum(-1)  # noqa: E731
+    constant = entropy(mixture) - (entropy(anchor_out.exp()) * weights).sum(1)
+    assert constant.min() > 1e-3  # the anchors disagree: the constant is not 0
+    for scale in (0.0, 0.02, 1.0):  # three current policies, the last far from every anchor
+        with torch.no_grad():
+            policy_out = agent(obs)[0] + scale * torch.randn(len(obs), 3)
+            log_pi = torch.log_softmax(policy_out, -1)
+            logprobs = log_pi.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+            _, kl = gtr.anchor_divergences(agent, policy_out, logprobs, actions, anchor_out, None, "kl-distance")
+            kl_to_mixture = (mixture * (mixture.log() - log_pi)).sum(-1)
+        torch.testing.assert_close((kl * weights).sum(1), kl_to_mixture + constant, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fresher anchors: --anchor-refresh epoch|minibatch, --anchor-type ema (docs/ppo_gtr.md, detail 6)
+# ---------------------------------------------------------------------------------------------------------------
+
+FRESH = dict(num_envs=2, num_steps=64, total_timesteps=384, num_minibatches=4, update_epochs=3, eval_episodes=0,
+             metrics_every=0)  # 3 iterations of 3 epochs x 4 minibatches (every minibatch non-empty)
+
+
+def recorded_run(gtr, monkeypatch, tmp_path, env_id: str, **changes) -> list[dict]:
+    """Run in this process and record every minibatch loss: its states, the anchor it saw, and the agent's
+    parameters at that moment (before the step)."""
+    calls, ppo_loss = [], gtr.ppo_loss
+
+    def recording(agent, obs, *rest, anchor=None, **kw):
+        calls.append(dict(obs=obs.clone(), out=anchor["out"].clone(), weights=anchor["weights"].clone(),
+                          logstd=None if anchor["logstd"] is None else anchor["logstd"].clone(),
+                          params={k: v.detach().clone() for k, v in agent.state_dict().items()},
+                          agent=agent))
+        return ppo_loss(agent, obs, *rest, anchor=anchor, **kw)
+
+    monkeypatch.setattr(gtr, "ppo_loss", recording)
+    run_in_process(gtr, tmp_path, "rec", env_id, FRESH, **changes)
+    assert len(calls) == 3 * 3 * 4
+    return calls
+
+
+def outputs_with(gtr, agent, params: dict, obs):
+    """`policy_outputs` of a copy of `agent` holding `params`."""
+    net = copy.deepcopy(agent)
+    net.load_state_dict(params)
+    return gtr.policy_outputs(net, obs)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("refresh", ["epoch", "minibatch"])
+def test_anchor_refresh_takes_the_current_policy(gtr, monkeypatch, tmp_path, env_id, refresh):
+    """Inside a run (K = 3; categorical and Gaussian policies), at every minibatch loss: the newest anchor's outputs
+    (and log-std) are the policy's at the refresh point, the start of this epoch or this very step; the older
+    anchors are the rollout policies (pi_old) of the previous iterations, untouched by the refreshes."""
+    calls = recorded_run(gtr, monkeypatch, tmp_path, env_id, anchor_snapshots=3, anchor_refresh=refresh)
+    per_epoch, per_iteration = 4, 12
+    moved = 0
+    for i, call in enumerate(calls):
+        refresh_point = i if refresh == "minibatch" else i - i % per_epoch
+        expected, expected_logstd = outputs_with(gtr, call["agent"], calls[refresh_point]["params"], call["obs"])
+        torch.testing.assert_close(call["out"][:, :1], expected, rtol=1e-5, atol=1e-6)
+        if expected_logstd is not None:
+            torch.testing.assert_close(call["logstd"][:1], expected_logstd, rtol=0, atol=0)
+        current = outputs_with(gtr, call["agent"], call["params"], call["obs"])[0]
+        moved += not torch.allclose(call["out"][:, :1], current, rtol=1e-5, atol=1e-6)
+        iteration = i // per_iteration
+        assert call["out"].shape[1] == min(iteration + 1, 3)
+        for k in range(1, call["out"].shape[1]):  # pi_old of iteration - k: the parameters at its first loss
+            old = outputs_with(gtr, call["agent"], calls[(iteration - k) * per_iteration]["params"], call["obs"])
+            torch.testing.assert_close(call["out"][:, k:k + 1], old[0], rtol=1e-5, atol=1e-6)
+            if old[1] is not None:
+                torch.testing.assert_close(call["logstd"][k:k + 1], old[1], rtol=0, atol=0)
+    # epoch: every loss but the epoch's first sees a policy that has moved on; minibatch: none
+    assert moved == (0 if refresh == "minibatch" else len(calls) - len(calls) // per_epoch)
+
+
+def test_ema_update_by_hand(gtr):
+    """ema <- (1 - rate) ema + rate theta, parameter by parameter, on a tiny network; EmaAnchor starts as a copy of
+    the first policy pushed, keeps it over later pushes, follows `update`, and tracks its mean age in steps."""
+    torch.manual_seed(0)
+    net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    gtr.ema_update(ema, net, 0.25)
+    for e, e0, p in zip(ema.parameters(), before, net.parameters()):
+        torch.testing.assert_close(e, 0.75 * e0 + 0.25 * p, rtol=0, atol=1e-7)
+    rate = 0.1
+    agent = gtr.Agent((5,), 2, continuous=True)
+    start = {k: v.clone() for k, v in agent.state_dict().items()}
+    anchor = gtr.EmaAnchor(rate, steps_per_iteration=4)
+    assert len(anchor) == 0
+    anchor.push(agent, 1)
+    assert len(anchor) == 1 and anchor.weights().tolist() == [1.0] and anchor.iterations() == [1.0]
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(1.0)  # a constant target: after n steps ema = theta + (1 - rate)^n (ema_0 - theta)
+    for n in range(1, 4):
+        anchor.update(agent)
+        for key, value in anchor.net.named_parameters():
+            target = agent.state_dict()[key]
+            torch.testing.assert_close(value, target + (1 - rate) ** n * (start[key] - target), rtol=0, atol=1e-6)
+    assert anchor.age == pytest.approx(0.9 + 0.9**2 + 0.9**3)  # (1 - r)(age + 1) from 0, three times
+    anchor.push(agent, 2)  # a later push keeps the average
+    assert anchor.iterations() == [pytest.approx(2 - anchor.age / 4)]
+    torch.testing.assert_close(anchor.net.actor_logstd, agent.actor_logstd - 0.9**3, rtol=0, atol=1e-6)
+    out, logstd = anchor.outputs(torch.randn(6, 5))
+    assert out.shape == (6, 1, 2) and logstd.shape == (1, 2)
+    anchor.clear()
+    anchor.push(agent, 3)  # restarts from the current policy
+    assert all(torch.equal(a, b) for a, b in zip(anchor.net.parameters(), agent.parameters()))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_ema_anchor_inside_a_run(gtr, monkeypatch, tmp_path, env_id):
+    """--anchor-type ema: one anchor (K = 1 by default) whose outputs at every minibatch loss are those of the EMA
+    computed by hand from the agent's parameters at each loss: E_0 = theta_0, E_i = (1 - r) E_(i-1) + r theta_i."""
+    rate = 0.3
+    calls = recorded_run(gtr, monkeypatch, tmp_path, env_id, anchor_type="ema", anchor_ema_rate=rate)
+    params = [name for name, _ in calls[0]["agent"].named_parameters()]
+    ema = dict(calls[0]["params"])
+    for i, call in enumerate(calls):
+        if i:
+            ema.update({k: (1 - rate) * ema[k] + rate * call["params"][k] for k in params})
+        expected, expected_logstd = outputs_with(gtr, call["agent"], ema, call["obs"])
+        assert call["out"].shape[1] == 1 and call["weights"].tolist() == [1.0]
+        torch.testing.assert_close(call["out"], expected, rtol=1e-4, atol=1e-5)
+        if expected_logstd is not None:
+            torch.testing.assert_close(call["logstd"], expected_logstd, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(calls[-1]["out"], outputs_with(gtr, calls[-1]["agent"], calls[-1]["params"],
+                                                             calls[-1]["obs"])[0])  # it lags the policy
+    config = read_json(os.path.join(str(tmp_path), "rec", "config.json"))["args"]
+    assert config["anchor_snapshots"] == 1 and config["anchor_ema_rate"] == rate
+    scalars = read_scalars(os.path.join(str(tmp_path), "rec"))
+    assert values(scalars, "gtr/anchors") == [1, 1, 1]
+    staleness = values(scalars, "gtr/anchor_staleness")  # the EMA's age at each update's start, in iterations
+    ages = [0.0]
+    for _ in range(24):
+        ages.append((1 - rate) * (ages[-1] + 1))
+    assert staleness == pytest.approx([ages[0] / 12, ages[12] / 12, ages[24] / 12], rel=1e-5)
+
+
+def test_step_anchor_default_is_the_window(gtr):
+    """--anchor-refresh rollout (the default): every minibatch sees the window's outputs taken after the rollout,
+    the very tensors of the code before the fresher anchors existed (dict(anchor, out=anchor_out[mb]))."""
+    for continuous in (False, True):
+        agent, (obs, *_) = make_batch(gtr, continuous)
+        window = perturbed_window(gtr, agent, 3)
+        out, logstd = window.outputs(obs)
+        anchor = dict(out=out, logstd=logstd, weights=window.weights(), kl_coef=1.0)
+        index = torch.tensor([5, 0, 17, 3])
+        got = gtr.step_anchor(anchor, window, agent, obs, index, None, loss_args(gtr))
+        assert torch.equal(got["out"], out[index]) and got["logstd"] is logstd
+        assert got["weights"] is anchor["weights"] and got["kl_coef"] == 1.0
+
+
+def test_default_anchor_is_unchanged(tmp_path):
+    """The default run writes the same episodes.csv and gtr/ logs as one with the default spelled out
+    (--anchor-refresh rollout; the unused --anchor-ema-rate changed too), and differs from --anchor-refresh epoch."""
+    flags = ["--env-id", "CartPole-v1", "--total-timesteps", "1536", *TINY, "--seed", "3"]
+    default = run_ok(GTR, tmp_path, "default", *flags)
+    explicit = run_ok(GTR, tmp_path, "explicit", *flags, "--anchor-refresh", "rollout", "--anchor-ema-rate", "0.5")
+    epoch = run_ok(GTR, tmp_path, "epoch", *flags, "--anchor-refresh", "epoch")
+    read = lambda d: open(os.path.join(d, "episodes.csv")).read()  # noqa: E731
+    assert read(default).count("\n") > 20 and read(default) == read(explicit)
+    a, b, c = read_scalars(default), read_scalars(explicit), read_scalars(epoch)
+    for key in a:
+        if key.startswith(("gtr/", "losses/")):
+            assert values(a, key) == values(b, key), key
+    assert values(a, "gtr/penalty_loss") != values(c, "gtr/penalty_loss")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,6 +606,14 @@ BAD_FLAGS = [
     (["--anchor-decay", "0"], "--anchor-decay"),
     (["--kl-target", "0"], "--kl-target"),
     (["--kl-coef", "-0.5"], "--kl-coef"),
+    (["--objective", "kl", "--gtr-divergence", "kl"], "--kl-coef"),  # the default coefficient would not match GTR
+    (["--anchor-ema-rate", "0"], "--anchor-ema-rate"),
+    (["--anchor-ema-rate", "1.5"], "--anchor-ema-rate"),
+    (["--anchor-type", "ema", "--anchor-snapshots", "3"], "--anchor-snapshots"),
+    (["--anchor-type", "ema", "--anchor-refresh", "epoch"], "--anchor-refresh"),
+    (["--objective", "clip", "--anchor-refresh", "epoch"], "--objective clip"),
+    (["--anchor-type", "single", "--anchor-refresh", "epoch"], "single"),
+    (["--objective", "kl", "--anchor-refresh", "minibatch"], "--anchor-snapshots 1"),  # K = 1: an inert penalty
 ]
 
 
@@ -435,6 +624,24 @@ def test_bad_flags_are_refused(gtr, flags, fragment):
     args = tyro.cli(gtr.Args, args=["--env-id", "CartPole-v1", *flags])
     with pytest.raises(gtr.UserError, match=fragment):
         gtr.resolve_args(args)
+
+
+@pytest.mark.parametrize("flags, resolved", [
+    (["--objective", "kl", "--gtr-divergence", "kl", "--kl-coef", "2"], dict(kl_coef=2.0, anchor_snapshots=1)),
+    (["--objective", "kl", "--gtr-divergence", "log-ratio"], dict(kl_coef=pytest.approx(7.5))),
+    (["--gtr-divergence", "kl"], dict(objective="gtr", anchor_snapshots=4)),  # GTR itself does not use --kl-coef
+    (["--anchor-type", "ema"], dict(anchor_snapshots=1, anchor_refresh="rollout")),
+    (["--anchor-type", "single", "--anchor-snapshots", "1", "--anchor-refresh", "epoch"], dict(anchor_snapshots=1)),
+    (["--objective", "kl", "--anchor-snapshots", "2", "--anchor-refresh", "minibatch"], dict(anchor_snapshots=2)),
+])
+def test_good_anchor_flags_resolve(gtr, flags, resolved):
+    """The legitimate neighbours of the refused combinations resolve, with these values."""
+    import tyro
+
+    args = tyro.cli(gtr.Args, args=["--env-id", "CartPole-v1", *flags])
+    gtr.resolve_args(args)
+    for key, value in resolved.items():
+        assert getattr(args, key) == value, key
 
 
 @pytest.mark.parametrize("flags, fragment", [BAD_FLAGS[0], BAD_FLAGS[2]])
