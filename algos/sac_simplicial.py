@@ -10,7 +10,10 @@ Method: the last hidden layer of a network is replaced by a simplicial embedding
 features, a LayerNorm (learnable affine), and a softmax with temperature tau within each of L groups of V
 features. Every group is a point of the (V - 1)-simplex (non-negative, summing to 1), so the features the output
 heads read are bounded, group-sparse and close to discrete. The official code puts SEM on the actor (`sim_actor`,
-the fork's README command), the critics (`sim_critic`) or both (`sim_both`), with L = 8 and V = 64.
+the fork's README command), the critics (`sim_critic`) or both (`sim_both`), with L = 8 and V = 64. Its critics
+are FastTD3's C51 distributional critics, so SEM on a critic feeds a categorical head; a scalar head after SEM reads
+features that sum to L and reaches Q-values of a few hundred only slowly, so the critics get the C51 head here too
+when SEM is on them.
 
 Differences from the base script (`diff algos/sac.py algos/sac_simplicial.py` shows exactly these):
   - flags `--sem-placement` (actor), `--sem-groups` (L = 8), `--sem-vertices` (V = 64) and `--sem-temperature`
@@ -20,7 +23,13 @@ Differences from the base script (`diff algos/sac.py algos/sac_simplicial.py` sh
     L * V features;
   - the diagnostics treat the SEM block as a hidden layer (`sem`): dormancy on its softmax outputs, the gradient
     score w.r.t. its softmax logits, srank and feature norm on its L * V features;
-  - a checkpoint is evaluated only with the SEM flags it was trained with.
+  - a checkpoint is evaluated only with the SEM flags it was trained with;
+  - flags `--critic-head` (c51 when SEM is on the critics, scalar otherwise), `--num-atoms` (101), `--v-min` and
+    `--v-max` (by family: +-1500 MuJoCo and other vector tasks, +-250 DMC), checked in `resolve_args`: the C51 head of
+    FastTD3's critics. `SoftQNetwork(..., c51)` outputs logits over the atoms and returns Q = sum_i p_i z_i (so the
+    actor loss is unchanged); `c51_target` (the soft target distribution: shifted atoms, `c51_project`,
+    `c51_clipped_double`) and `c51_loss` (cross-entropy) replace the scalar target and MSE in the update and in the
+    critics' diagnostics. `--critic-head scalar` is sac.py's head and loss.
 
 Base script: algos/sac.py (SAC with CleanRL's sac_continuous_action defaults; docs/sac.md).
 Docs: docs/sac_simplicial.md. Conventions every script follows: docs/conventions.md.
@@ -138,8 +147,8 @@ class Args:
     # --- simplicial embeddings (docs/sac_simplicial.md, "Hyperparameters") ---
     sem_placement: Literal["actor", "critic", "both", "none"] = "actor"
     """which networks get SEM in place of their last hidden layer: the actor, both critics (and their targets), both,
-    or none (exactly sac.py's networks) [official code: --sim_type sim_actor / sim_critic / sim_both; the fork's
-    README runs sim_actor]"""
+    or none (exactly sac.py's networks); with SEM on the critics they get the C51 head by default (--critic-head)
+    [official code: --sim_type sim_actor / sim_critic / sim_both; the fork's README runs sim_actor]"""
     sem_groups: int = 8
     """L, the number of simplices (softmax groups) [official code: seq_len 8 (--actor_seq_len, --critic_seq_len)]"""
     sem_vertices: int = 64
@@ -148,6 +157,23 @@ class Args:
     sem_temperature: float = 1.0
     """softmax temperature tau within each group (lower: sparser, closer to one-hot) [official code: a plain
     softmax, tau = 1]"""
+    # the critics' head; C51 as in FastTD3, where SEM comes from (docs/sac_simplicial.md, detail 9)
+    critic_head: Optional[Literal["scalar", "c51"]] = None
+    """the critics' output layer: `scalar` (sac.py's Linear -> 1 and MSE) or `c51` (Linear -> --num-atoms logits of a
+    categorical return distribution, Q = sum_i p_i z_i, cross-entropy to the projected soft target; Bellemare et al.
+    2017) [default: c51 when SEM is on the critics (--sem-placement critic / both), scalar otherwise. Official code:
+    every FastTD3 critic is C51 (fast_td3.py DistributionalQNetwork, 229ed59). A scalar head after SEM reads features
+    that sum to L, so its output moves by at most about (L + 1) x lr per Adam step: towards targets 308 +- 60 at
+    lr 1e-3 its mean Q was 37 after 4k steps (docs/sac_simplicial.md, "The scalar head after SEM")]"""
+    num_atoms: int = 101
+    """C51: number of atoms of the support [official code: num_atoms 101 (hyperparams.py BaseArgs; IsaacLab 251)]"""
+    v_min: Optional[float] = None
+    """C51: lowest atom [default by family: MuJoCo and other vector tasks -1500 (ours: Q ~ r / (1 - gamma) = 100 r,
+    and SAC reaches r = 10-15 per step on HalfCheetah), DeepMind Control -250 (official BaseArgs default -250; DMC
+    rewards are at most 1 per step, Q <= 100)]"""
+    v_max: Optional[float] = None
+    """C51: highest atom [default by family: MuJoCo and other vector tasks 1500 (ours), DeepMind Control 250
+    (official BaseArgs default 250); docs/sac_simplicial.md, "Hyperparameters"]"""
 
 
 class UserError(Exception):
@@ -228,6 +254,13 @@ def resolve_args(args: Args):
     if args.sem_groups < 1 or args.sem_vertices < 2 or not args.sem_temperature > 0:  # V = 1: constant features
         raise UserError(f"need --sem-groups >= 1, --sem-vertices >= 2 and --sem-temperature > 0; got "
                         f"{args.sem_groups}, {args.sem_vertices} and {args.sem_temperature}")
+    if args.critic_head is None:  # C51 where SEM is on the critics (docs/sac_simplicial.md, detail 9)
+        args.critic_head = "c51" if args.sem_placement in ("critic", "both") else "scalar"
+    args.v_min = -C51_HALF_RANGE[family] if args.v_min is None else args.v_min  # recorded in config.json
+    args.v_max = C51_HALF_RANGE[family] if args.v_max is None else args.v_max
+    if args.num_atoms < 2 or not (math.isfinite(args.v_min) and math.isfinite(args.v_max) and args.v_min < args.v_max):
+        raise UserError(f"need --num-atoms >= 2 and finite --v-min < --v-max; got {args.num_atoms}, {args.v_min} and "
+                        f"{args.v_max}")
     if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
         raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
     return tasks, family
@@ -393,14 +426,26 @@ class SoftQNetwork(nn.Module):
     """Q(s, a): a 256-256 ReLU MLP on the concatenated observation and action (CleanRL), PyTorch default init;
     with `sem`, the second hidden layer is the SEM block (docs/sac_simplicial.md, detail 2)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, sem: Optional[tuple] = None):
+    def __init__(self, obs_dim: int, action_dim: int, sem: Optional[tuple] = None, c51: Optional[tuple] = None):
         super().__init__()
         self.net = nn.Sequential(OrderedDict(mlp_trunk(obs_dim + action_dim, sem=sem) +
-                                             [("q", nn.Linear(feature_dim(sem), 1))]))
+                                             [("q", nn.Linear(feature_dim(sem), 1 if c51 is None else c51[0]))]))
+        # C51 head (docs/sac_simplicial.md, detail 9): c51 = (num_atoms, v_min, v_max) and the atoms z_i as a buffer;
+        # the scalar head registers no buffer (sac.py's state dict)
+        self.c51 = c51
+        self.register_buffer("support", None if c51 is None else torch.linspace(c51[1], c51[2], c51[0]))
 
     def forward(self, obs, actions, return_hidden: bool = False):
         x, hidden = run_hidden(self.net, torch.cat([obs, actions], dim=1))
+        if self.c51 is not None:  # C51: Q(s, a) = sum_i p_i z_i, the mean of the head's distribution (detail 9)
+            q = c51_q_value(x, self.support)
+            return (q, hidden) if return_hidden else q
         return (x.squeeze(1), hidden) if return_hidden else x.squeeze(1)
+
+    def logits(self, obs, actions, return_hidden: bool = False):
+        """The C51 head's logits over the atoms, the input of its loss (docs/sac_simplicial.md, detail 10)."""
+        x, hidden = run_hidden(self.net, torch.cat([obs, actions], dim=1))
+        return (x, hidden) if return_hidden else x
 
     def hidden_layers(self):
         return hidden_layer_names(self.net)
@@ -466,6 +511,69 @@ def sem_settings(args: Args) -> tuple[Optional[tuple], Optional[tuple]]:
     sem = (args.sem_groups, args.sem_vertices, args.sem_temperature)
     return (sem if args.sem_placement in ("actor", "both") else None,
             sem if args.sem_placement in ("critic", "both") else None)
+
+
+# --- the C51 critic head (docs/sac_simplicial.md, details 9-11) ---
+
+# Half-width of the default support [-w, w] per environment family: DMC rewards are in [0, 1] per step, so soft
+# Q-values stay within about [0, 100] at gamma 0.99 (FastTD3's default +-250); MuJoCo SAC reaches 10-15 reward per
+# step (HalfCheetah), Q about 1,000-1,500 (ours: detail 9).
+C51_HALF_RANGE = {"dmc": 250.0, "mujoco": 1500.0, "vector": 1500.0}
+
+
+def c51_settings(args: Args) -> Optional[tuple]:
+    """(num_atoms, v_min, v_max) for C51 critics, None for sac.py's scalar head (after resolve_args; detail 9)."""
+    return (args.num_atoms, float(args.v_min), float(args.v_max)) if args.critic_head == "c51" else None
+
+
+def c51_q_value(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Q = sum_i softmax(logits)_i z_i, the expected value of the categorical distribution (detail 9)."""
+    return (torch.softmax(logits, dim=-1) * support).sum(-1)
+
+
+def c51_project(probs: torch.Tensor, atoms: torch.Tensor, v_min: float, v_max: float) -> torch.Tensor:
+    """Projection of the distribution that puts mass probs[:, j] on the (shifted) atoms[:, j] onto the support
+    linspace(v_min, v_max, K) (Bellemare et al. 2017, eq. 7): each atom is clipped to [v_min, v_max], and its mass is
+    split between the two support atoms around it in proportion to closeness. With b_j its position in atom units,
+    l_j = min(floor(b_j), K - 2) and the upper neighbour l_j + 1 get p_j (1 - (b_j - l_j)) and p_j (b_j - l_j), so
+    an atom exactly on a support atom (b_j an integer, v_max included) gives it all its mass (detail 10)."""
+    num_atoms = probs.shape[-1]
+    b = ((atoms.clamp(v_min, v_max) - v_min) / ((v_max - v_min) / (num_atoms - 1))).clamp(0, num_atoms - 1)
+    lower = b.floor().clamp(max=num_atoms - 2)
+    upper_share = b - lower
+    projected = torch.zeros_like(probs)
+    projected.scatter_add_(1, lower.long(), probs * (1.0 - upper_share))  # deterministic on CPU and CUDA
+    projected.scatter_add_(1, lower.long() + 1, probs * upper_share)
+    return projected
+
+
+def c51_clipped_double(m1: torch.Tensor, m2: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Clipped double Q with distributions, as FastTD3 (train.py, update_main): per sample, the target distribution
+    whose mean is lower; a tie takes the second (detail 11)."""
+    lower = (m1 * support).sum(-1) < (m2 * support).sum(-1)
+    return torch.where(lower.unsqueeze(-1), m1, m2)
+
+
+@torch.no_grad()
+def c51_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha: float, gamma: float):
+    """The soft C51 target distribution: a' ~ pi(.|s'); each target critic's atoms move to
+    r + gamma * (1 - terminated) * (z_j - alpha * log pi(a'|s')) and are projected onto the support; the two
+    projections are combined by `c51_clipped_double` (details 10-11). soft_q_target's scalar target is its mean
+    (up to clipping at the support's ends)."""
+    next_actions, next_log_pi, _ = actor.get_action(next_obs)
+    _, v_min, v_max = qf1_target.c51
+    discount = ((1.0 - terminated) * gamma).unsqueeze(1)
+    projected = []
+    for qf in (qf1_target, qf2_target):
+        probs = torch.softmax(qf.logits(next_obs, next_actions), dim=1)
+        atoms = rewards.unsqueeze(1) + discount * (qf.support - alpha * next_log_pi.unsqueeze(1))
+        projected.append(c51_project(probs, atoms, v_min, v_max))
+    return c51_clipped_double(projected[0], projected[1], qf1_target.support)
+
+
+def c51_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the head's distribution to the target distribution, batch mean (FastTD3; detail 10)."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 def target_entropy(action_shape) -> float:
@@ -539,11 +647,17 @@ def plasticity_metrics(actor, qf1, qf2, qf1_target, qf2_target, batch, alpha: fl
     """Diagnostics of the two critics (each with its own TD loss) and of the actor (the actor loss) on one replay
     batch (docs/sac.md, detail 8)."""
     obs, actions, rewards, terminated, next_obs = batch
-    target = soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
     metrics = {}
-    for name, qf in (("qf1", qf1), ("qf2", qf2)):
-        q_values, hidden = qf(obs, actions, return_hidden=True)
-        metrics.update(network_metrics(name, qf, hidden, F.mse_loss(q_values, target), taus))
+    if qf1.c51 is not None:  # the C51 head's own training loss: its target distribution, cross-entropy (detail 10)
+        target = c51_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
+        for name, qf in (("qf1", qf1), ("qf2", qf2)):
+            logits, hidden = qf.logits(obs, actions, return_hidden=True)
+            metrics.update(network_metrics(name, qf, hidden, c51_loss(logits, target), taus))
+    else:
+        target = soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
+        for name, qf in (("qf1", qf1), ("qf2", qf2)):
+            q_values, hidden = qf(obs, actions, return_hidden=True)
+            metrics.update(network_metrics(name, qf, hidden, F.mse_loss(q_values, target), taus))
     pi, log_pi, _, hidden = actor.get_action(obs, return_hidden=True)
     actor_loss = (alpha * log_pi - torch.min(qf1(obs, pi), qf2(obs, pi))).mean()
     metrics.update(network_metrics("actor", actor, hidden, actor_loss, taus))
@@ -684,11 +798,12 @@ def run(args: Args) -> dict:
         action_low, action_high = envs.action_space.low, envs.action_space.high
         action_dim = len(action_low)
         actor_sem, critic_sem = sem_settings(args)  # docs/sac_simplicial.md, detail 3
+        critic_c51 = c51_settings(args)  # the critics' head (docs/sac_simplicial.md, detail 9)
         actor = Actor(obs_dim, action_low, action_high, actor_sem).to(device)
-        qf1, qf2 = SoftQNetwork(obs_dim, action_dim, critic_sem).to(device), \
-            SoftQNetwork(obs_dim, action_dim, critic_sem).to(device)
-        qf1_target = SoftQNetwork(obs_dim, action_dim, critic_sem).to(device)
-        qf2_target = SoftQNetwork(obs_dim, action_dim, critic_sem).to(device)
+        qf1, qf2 = SoftQNetwork(obs_dim, action_dim, critic_sem, critic_c51).to(device), \
+            SoftQNetwork(obs_dim, action_dim, critic_sem, critic_c51).to(device)
+        qf1_target = SoftQNetwork(obs_dim, action_dim, critic_sem, critic_c51).to(device)
+        qf2_target = SoftQNetwork(obs_dim, action_dim, critic_sem, critic_c51).to(device)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0], device)
             trained = {k: v for k, v in checkpoint["args"].items() if k.startswith("sem_")} or {"sem_placement": "none"}
@@ -765,10 +880,18 @@ def run(args: Args) -> dict:
                     update_credit -= 1.0
                     b_obs, b_actions, b_rewards, b_terminated, b_next_obs = to_torch(
                         rb.sample(args.batch_size, rng), device)
-                    target = soft_q_target(actor, qf1_target, qf2_target, b_rewards, b_terminated, b_next_obs,
-                                           alpha, args.gamma)
-                    qf1_values, qf2_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
-                    qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2_values, target)
+                    if qf1.c51 is not None:  # C51 head: its target, cross-entropy (docs/sac_simplicial.md, detail 10)
+                        target = c51_target(actor, qf1_target, qf2_target, b_rewards, b_terminated, b_next_obs, alpha,
+                                            args.gamma)
+                        qf1_logits, qf2_logits = qf1.logits(b_obs, b_actions), qf2.logits(b_obs, b_actions)
+                        qf1_loss, qf2_loss = c51_loss(qf1_logits, target), c51_loss(qf2_logits, target)
+                        qf1_values = c51_q_value(qf1_logits.detach(), qf1.support)  # logged as losses/qf1_values
+                        qf2_values = c51_q_value(qf2_logits.detach(), qf2.support)
+                    else:
+                        target = soft_q_target(actor, qf1_target, qf2_target, b_rewards, b_terminated, b_next_obs,
+                                               alpha, args.gamma)
+                        qf1_values, qf2_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+                        qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2_values, target)
                     qf_loss = qf1_loss + qf2_loss
                     if not math.isfinite(qf_loss.item()):
                         raise Diverged(f"non-finite critic loss ({qf_loss.item()}) at global_step={global_step}")

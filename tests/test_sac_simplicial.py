@@ -1,7 +1,9 @@
 """algos/sac_simplicial.py: the SEM block (every group a point of the simplex, the exact Linear -> LayerNorm -> group
 softmax computation, temperature, gradients into the projection, the softmax-logit gradient of the diagnostics),
-which networks each --sem-placement changes, `--sem-placement none` against sac.py (same networks, same run), and
-end-to-end runs (outputs, determinism, bad input)."""
+which networks each --sem-placement changes, `--sem-placement none` against sac.py (same networks, same run), the
+C51 critic head (the projection by hand and against a floor/ceil reference, the expected Q, the entropy-shifted
+target, the clipped double-Q rule, the cross-entropy, its defaults per placement and family, the ceiling of a scalar
+head after SEM that it lifts), and end-to-end runs (outputs, determinism, bad input)."""
 
 from __future__ import annotations
 
@@ -160,6 +162,7 @@ def test_diagnostics_score_sem_units_by_their_logit_gradient(sem):
 def test_defaults_are_the_official_codes(sem):
     args = sem.Args()
     assert (args.sem_placement, args.sem_groups, args.sem_vertices, args.sem_temperature) == ("actor", 8, 64, 1.0)
+    assert (args.critic_head, args.num_atoms, args.v_min, args.v_max) == (None, 101, None, None)  # resolve_args fills
 
 
 @pytest.mark.parametrize("placement, actor_has, critic_has", [
@@ -284,16 +287,20 @@ def test_critic_placement_on_dmc(tmp_path):
     assert proc.returncode == 0, describe(proc)
     run_dir = os.path.join(str(tmp_path), "cheetah")
     model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
-    for qf in ("qf1", "qf2"):
-        assert model[qf]["net.sem.weight"].shape == (64, 256) and model[qf]["net.q.weight"].shape == (1, 64)
+    for qf in ("qf1", "qf2"):  # SEM on the critics: the C51 head by default, DMC's support +-250
+        assert model[qf]["net.sem.weight"].shape == (64, 256) and model[qf]["net.q.weight"].shape == (101, 64)
+        torch.testing.assert_close(model[qf]["support"], torch.linspace(-250.0, 250.0, 101))
     assert "trunk.fc2.weight" in model["model"] and not any("sem" in k for k in model["model"])
+    assert read_json(os.path.join(run_dir, "config.json"))["args"]["critic_head"] == "c51"
     scalars = read_scalars(run_dir)
     assert "plasticity/qf2/grad_inactive_tau0/sem" in scalars and "plasticity/actor/dormant_tau0/fc2" in scalars
 
 
 def test_same_seed_same_episodes_other_seed_differs(tmp_path):
+    """SEM on the actor and the critics, the critics with the C51 head (600 steps, so that seed 5 finishes more than
+    ten episodes)."""
     def run(tmp, name, *flags):
-        return run_sem(tmp, name, "--env-id", "Hopper-v4", "--total-timesteps", 300, *TINY, "--eval-episodes", 0,
+        return run_sem(tmp, name, "--env-id", "Hopper-v4", "--total-timesteps", 600, *TINY, "--eval-episodes", 0,
                        "--metrics-every", 0, "--sem-placement", "both", *flags)
 
     assert_seed_determinism(run, tmp_path)
@@ -305,3 +312,261 @@ def test_bad_sem_flags_are_one_line_errors(tmp_path, flags):
     proc = run_sem(tmp_path, "bad", "--env-id", "Hopper-v4", *flags)
     assert_one_line_error(proc, "--sem-groups >= 1", "--sem-vertices >= 2", "--sem-temperature > 0")
     assert not os.path.exists(os.path.join(str(tmp_path), "bad"))  # rejected before any work
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The C51 critic head (docs/sac_simplicial.md, details 9-11)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_projection_by_hand(sem):
+    """Support 0, 1, 2, 3, 4: atoms below v_min and above v_max go to the ends, an atom exactly on a support atom
+    (v_max included) keeps all its mass there, the others split by distance."""
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.5, 0.1, 0.2, 0.2, 0.0]])
+    atoms = torch.tensor([[-1.0, 1.0, 2.25, 3.5, 7.0], [4.0, 4.0, 0.0, 0.5, 10.0]])
+    expected = torch.tensor([[0.1, 0.2, 0.225, 0.275, 0.2], [0.3, 0.1, 0.0, 0.0, 0.6]])
+    torch.testing.assert_close(sem.c51_project(probs, atoms, 0.0, 4.0), expected)
+    # atoms 5 apart (support -10, -5, 0, 5, 10): -7.5 halves, 5 exact, 12 and -20 clipped, 1 = 2.2 atom units
+    probs = torch.full((1, 5), 0.2)
+    atoms = torch.tensor([[-7.5, 5.0, 12.0, -20.0, 1.0]])
+    expected = torch.tensor([[0.3, 0.1, 0.16, 0.24, 0.2]])
+    torch.testing.assert_close(sem.c51_project(probs, atoms, -10.0, 10.0), expected)
+
+
+def floor_ceil_projection(probs, atoms, v_min, v_max):
+    """Reference: C51's projection written with floor and ceil of the position b and an explicit case for an integer
+    b (the whole mass on that atom), one atom at a time."""
+    num_atoms = probs.shape[1]
+    dz = (v_max - v_min) / (num_atoms - 1)
+    out = torch.zeros(probs.shape, dtype=torch.float64)
+    for n in range(probs.shape[0]):
+        for j in range(num_atoms):
+            b = (min(max(float(atoms[n, j]), v_min), v_max) - v_min) / dz
+            low, up = math.floor(b), math.ceil(b)
+            if low == up:
+                out[n, low] += float(probs[n, j])
+            else:
+                out[n, low] += float(probs[n, j]) * (up - b)
+                out[n, up] += float(probs[n, j]) * (b - low)
+    return out
+
+
+def test_projection_matches_a_floor_ceil_reference_and_keeps_mass_and_mean(sem):
+    gen = torch.Generator().manual_seed(3)
+    num_atoms, v_min, v_max = 11, -5.0, 5.0  # atoms 1 apart
+    probs = torch.softmax(torch.randn(64, num_atoms, generator=gen, dtype=torch.float64), dim=1)
+    atoms = 4 * torch.randn(64, num_atoms, generator=gen, dtype=torch.float64)
+    atoms[::4] = torch.randint(-7, 8, (16, num_atoms), generator=gen).double()  # integer positions, some clipped
+    projected = sem.c51_project(probs, atoms, v_min, v_max)
+    torch.testing.assert_close(projected, floor_ceil_projection(probs, atoms, v_min, v_max))
+    assert (projected >= 0).all()
+    torch.testing.assert_close(projected.sum(1), torch.ones(64, dtype=torch.float64))
+    support = torch.linspace(v_min, v_max, num_atoms, dtype=torch.float64)
+    clipped_mean = (probs * atoms.clamp(v_min, v_max)).sum(1)  # the projection keeps the mean of the clipped atoms
+    torch.testing.assert_close((projected * support).sum(1), clipped_mean)
+
+
+def test_c51_head_gives_the_expected_q(sem):
+    torch.manual_seed(0)
+    qf = sem.SoftQNetwork(7, 2, (3, 5, 1.0), (5, -2.0, 2.0))
+    assert qf.net.q.out_features == 5 and qf.net.q.in_features == 15
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2])
+    with torch.no_grad():
+        qf.net.q.weight.zero_()
+        qf.net.q.bias.copy_(probs.log() + 1.5)  # logits: softmax is shift-invariant
+    obs, actions = torch.randn(6, 7), torch.rand(6, 2)
+    expected = -2 * 0.1 - 1 * 0.2 + 0 + 1 * 0.2 + 2 * 0.2
+    torch.testing.assert_close(qf(obs, actions), torch.full((6,), expected))
+    q, hidden = qf(obs, actions, return_hidden=True)
+    logits, hidden_logits = qf.logits(obs, actions, return_hidden=True)
+    assert logits.shape == (6, 5) and all(torch.equal(a, b) for a, b in zip(hidden, hidden_logits))
+    with torch.no_grad():  # any head: Q is the mean of softmax(logits) over the atoms
+        qf.net.q.weight.normal_()
+    logits = qf.logits(obs, actions)
+    torch.testing.assert_close(qf(obs, actions), (torch.softmax(logits, 1) * torch.linspace(-2, 2, 5)).sum(1))
+    torch.testing.assert_close(sem.c51_q_value(logits, qf.support), qf(obs, actions))
+
+
+class FixedActor:
+    """get_action(next_obs) -> fixed (action, log-prob, action)."""
+
+    def __init__(self, actions, log_pi):
+        self.actions, self.log_pi = actions, log_pi
+
+    def get_action(self, obs):
+        return self.actions, self.log_pi, self.actions
+
+
+class FixedCritic:
+    """A C51 target critic with fixed next-state probabilities per sample."""
+
+    def __init__(self, probs, c51):
+        self.probs, self.c51 = probs, c51
+        self.support = torch.linspace(c51[1], c51[2], c51[0])
+
+    def logits(self, obs, actions):
+        return self.probs.log()
+
+
+def test_soft_c51_target_by_hand(sem):
+    """Support -2..2 (atoms 1 apart), gamma 0.5, alpha 0.5: atoms move to r + gamma (1 - done) (z - alpha log pi),
+    each target critic's distribution is projected, and per sample the one with the lower mean is the target."""
+    c51 = (5, -2.0, 2.0)
+    rewards, terminated = torch.tensor([1.0, 3.0, -0.25]), torch.tensor([0.0, 1.0, 0.0])
+    log_pi = torch.tensor([2.0, -1.0, 0.0])
+    # sample 0: atoms -0.5, 0, 0.5, 1, 1.5; sample 1: terminal, all at r = 3 -> clipped to 2;
+    # sample 2: atoms -1.25, -0.75, -0.25, 0.25, 0.75
+    probs1 = torch.tensor([[0.2] * 5, [0.2] * 5, [0.2] * 5])
+    probs2 = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    # the projections by hand; means 0.5, 2, -0.25 (critic 1) and 1.5, 2, -1.25 (critic 2)
+    m1 = torch.tensor([[0.0, 0.1, 0.4, 0.4, 0.1], [0.0, 0.0, 0.0, 0.0, 1.0], [0.05, 0.35, 0.4, 0.2, 0.0]])
+    m2 = torch.tensor([[0.0, 0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 1.0], [0.25, 0.75, 0.0, 0.0, 0.0]])
+    actor = FixedActor(torch.zeros(3, 2), log_pi)
+    q1, q2 = FixedCritic(probs1, c51), FixedCritic(probs2, c51)
+    target = sem.c51_target(actor, q1, q2, rewards, terminated, torch.zeros(3, 4), alpha=0.5, gamma=0.5)
+    torch.testing.assert_close(target, torch.stack([m1[0], m2[1], m2[2]]))
+    # where nothing is clipped its mean is SAC's scalar target with min(E Z1, E Z2): r + gamma (min Q - alpha log pi)
+    support = torch.linspace(-2.0, 2.0, 5)
+    means = [(p * support).sum(1) for p in (probs1, probs2)]
+    scalar = rewards + (1 - terminated) * 0.5 * (torch.min(*means) - 0.5 * log_pi)
+    torch.testing.assert_close((target * support).sum(1)[[0, 2]], scalar[[0, 2]])
+
+
+def test_clipped_double_takes_the_lower_mean_per_sample(sem):
+    support = torch.tensor([0.0, 1.0, 2.0])
+    m1 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # means 0, 2, 1
+    m2 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]])  # means 1, 1, 1
+    chosen = sem.c51_clipped_double(m1, m2, support)
+    torch.testing.assert_close(chosen, torch.stack([m1[0], m2[1], m2[2]]))  # a tie takes the second (FastTD3)
+
+
+def test_c51_loss_is_the_cross_entropy(sem):
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    target = torch.softmax(torch.randn(4, 6, dtype=torch.float64), 1)
+    expected = -sum((target[n] * torch.log_softmax(logits[n], 0)).sum() for n in range(4)) / 4
+    torch.testing.assert_close(sem.c51_loss(logits, target), expected)
+
+
+@pytest.mark.parametrize("placement, head", [("actor", "scalar"), ("none", "scalar"), ("critic", "c51"),
+                                             ("both", "c51")])
+def test_critic_placements_default_to_c51(sem, placement, head):
+    args = sem.Args(env_id="Hopper-v4", sem_placement=placement)
+    sem.resolve_args(args)
+    assert args.critic_head == head
+    assert (args.v_min, args.v_max, args.num_atoms) == (-1500.0, 1500.0, 101)
+    critic = sem.SoftQNetwork(11, 3, sem.sem_settings(args)[1], sem.c51_settings(args))
+    assert critic.net.q.out_features == (101 if head == "c51" else 1)
+    assert ("support" in critic.state_dict()) == (head == "c51")
+    for other in ("scalar", "c51"):  # the flag overrides the default either way
+        args = sem.Args(env_id="Hopper-v4", sem_placement=placement, critic_head=other)
+        sem.resolve_args(args)
+        assert args.critic_head == other
+
+
+def test_support_defaults_by_family(sem):
+    for env_id, half in (("Hopper-v4", 1500.0), ("CheetahRun-v1", 250.0), ("Pendulum-v1", 1500.0)):
+        args = sem.Args(env_id=env_id, sem_placement="both")
+        sem.resolve_args(args)
+        assert (args.v_min, args.v_max) == (-half, half), env_id
+    args = sem.Args(env_id="CheetahRun-v1", sem_placement="both", v_min=-10.0)
+    sem.resolve_args(args)
+    assert (args.v_min, args.v_max) == (-10.0, 250.0)
+    assert sem.c51_settings(args) == (101, -10.0, 250.0)
+
+
+def test_c51_gradients_reach_the_sem_projection(sem):
+    torch.manual_seed(0)
+    qf = sem.SoftQNetwork(11, 3, (8, 64, 1.0), (51, -10.0, 10.0))
+    obs, actions = torch.randn(32, 11), torch.rand(32, 3) * 2 - 1
+    target = torch.softmax(torch.randn(32, 51), 1)
+    sem.c51_loss(qf.logits(obs, actions), target).backward()
+    for param in (qf.net.sem.weight, qf.net.sem_norm.weight, qf.net.fc1.weight, qf.net.q.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert qf.support.grad is None and not qf.support.requires_grad
+
+
+def test_diagnostics_of_c51_critics_use_their_cross_entropy(sem):
+    """plasticity/qf*/grad_norm is the gradient norm of the C51 loss (target distribution, cross-entropy)."""
+    torch.manual_seed(0)
+    c51 = (21, -5.0, 5.0)
+    actor = sem.Actor(11, -np.ones(3), np.ones(3))
+    qf1, qf2, qt1, qt2 = [sem.SoftQNetwork(11, 3, (4, 8, 1.0), c51) for _ in range(4)]
+    batch = [torch.randn(64, 11), torch.rand(64, 3) * 2 - 1, torch.randn(64), torch.zeros(64), torch.randn(64, 11)]
+    torch.manual_seed(5)
+    metrics = sem.plasticity_metrics(actor, qf1, qf2, qt1, qt2, batch, 0.2, 0.99)
+    assert "plasticity/qf1/dormant_tau0/sem" in metrics and "plasticity/actor/srank" in metrics
+    assert all(math.isfinite(v) for v in metrics.values())
+    torch.manual_seed(5)
+    target = sem.c51_target(actor, qt1, qt2, batch[2], batch[3], batch[4], 0.2, 0.99)
+    grads = torch.autograd.grad(sem.c51_loss(qf1.logits(batch[0], batch[1]), target), list(qf1.parameters()))
+    expected = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+    assert metrics["plasticity/qf1/grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_c51_head_lifts_the_ceiling_of_a_scalar_head_after_sem(sem):
+    """SEM features sum to L, so a scalar head after them moves slowly towards targets of a few hundred; the C51 head
+    reaches them by moving probability mass (docs/sac_simplicial.md, "The scalar head after SEM"). 150 Adam steps
+    at lr 1e-3 on targets 300 +- 60."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(14, 1, generator=gen)
+    means = {}
+    for head in ("scalar", "c51"):
+        torch.manual_seed(1)
+        qf = sem.SoftQNetwork(11, 3, (8, 64, 1.0), (101, -1500.0, 1500.0) if head == "c51" else None)
+        opt = torch.optim.Adam(qf.parameters(), lr=1e-3)
+        for _ in range(150):
+            x = torch.randn(64, 14, generator=gen)
+            y = 300.0 + 60.0 * torch.tanh(x @ w / 3).squeeze(1)
+            if head == "c51":  # a point mass at y, projected onto the support
+                point = torch.zeros(64, 101)
+                point[:, 0] = 1.0
+                target = sem.c51_project(point, y[:, None].expand(-1, 101), -1500.0, 1500.0)
+                loss = sem.c51_loss(qf.logits(x[:, :11], x[:, 11:]), target)
+            else:
+                loss = ((qf(x[:, :11], x[:, 11:]) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            means[head] = qf(x[:, :11], x[:, 11:]).mean().item()
+    assert means["scalar"] < 10 and means["c51"] > 100, means
+
+
+@pytest.mark.parametrize("flags", [["--num-atoms", 1], ["--v-min", 5.0, "--v-max", 5.0],
+                                   ["--v-min", 10.0, "--v-max", -10.0], ["--v-max", "inf"]])
+def test_bad_c51_flags_are_one_line_errors(tmp_path, flags):
+    proc = run_sem(tmp_path, "bad", "--env-id", "Hopper-v4", "--sem-placement", "both", *flags)
+    assert_one_line_error(proc, "--num-atoms >= 2", "--v-min < --v-max")
+    assert not os.path.exists(os.path.join(str(tmp_path), "bad"))  # rejected before any work
+
+
+def test_both_placement_smoke_run_with_c51(tmp_path):
+    """--sem-placement both: SEM actor, SEM + C51 critics; finite losses, Q-values and diagnostics."""
+    proc = run_sem(tmp_path, "both", "--env-id", "Hopper-v4", "--total-timesteps", 400, *TINY, "--sem-placement",
+                   "both", "--save-model", "--eval-episodes", 1, "--metrics-every", 50, "--seed", 2)
+    assert proc.returncode == 0, describe(proc)
+    run_dir = os.path.join(str(tmp_path), "both")
+    assert read_json(os.path.join(run_dir, "summary.json"))["status"] == "completed"
+    args = read_json(os.path.join(run_dir, "config.json"))["args"]
+    assert (args["critic_head"], args["num_atoms"], args["v_min"], args["v_max"]) == ("c51", 101, -1500.0, 1500.0)
+    scalars = read_scalars(run_dir)
+    for key in ("losses/qf_loss", "losses/qf1_values", "losses/actor_loss", "plasticity/qf1/grad_inactive_tau0/sem",
+                "plasticity/qf2/srank", "plasticity/actor/dormant_tau0/sem"):
+        assert key in scalars and all(math.isfinite(v) for _, v in scalars[key]), key
+    # cross-entropy to a distribution over 101 atoms: positive, at most log(101) + the target's entropy
+    assert all(0 < v < 2 * math.log(101) for _, v in scalars["losses/qf_loss"])
+    model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    assert model["qf1"]["net.q.weight"].shape == (101, 512) and model["model"]["fc_mean.weight"].shape[1] == 512
+
+
+def test_c51_without_sem_on_the_critics_is_allowed(tmp_path):
+    """--critic-head c51 with SEM only on the actor (FastTD3's sim_actor has C51 critics): plain ReLU critics with
+    the C51 head."""
+    proc = run_sem(tmp_path, "actor_c51", "--env-id", "Hopper-v4", "--total-timesteps", 300, *TINY,
+                   "--critic-head", "c51", "--save-model", "--eval-episodes", 0, "--metrics-every", 50)
+    assert proc.returncode == 0, describe(proc)
+    run_dir = os.path.join(str(tmp_path), "actor_c51")
+    model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    assert model["qf1"]["net.q.weight"].shape == (101, 256) and "net.fc2.weight" in model["qf1"]
+    assert "trunk.sem.weight" in model["model"]
+    assert "plasticity/qf1/dormant_tau0/fc2" in read_scalars(run_dir)
