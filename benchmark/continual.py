@@ -92,8 +92,8 @@ def visit_measures(run_dir: str) -> dict:
         if events:
             at = np.array([e.step for e in events])
             values = np.array([e.value for e in events])
-            out[key] = [float(values[(at > v * steps) & (at <= (v + 1) * steps)].mean())
-                        if ((at > v * steps) & (at <= (v + 1) * steps)).any() else float("nan")
+            visit = np.ceil(at / steps).astype(int) - 1  # step in (v S, (v + 1) S] -> visit v
+            out[key] = [float(values[visit == v].mean()) if (visit == v).any() else float("nan")
                         for v in range(len(tasks))]
     out["steps_per_task"] = steps
     out["curve"] = (ends, returns)

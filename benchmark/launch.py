@@ -151,6 +151,8 @@ def check_runs(suite_path: str, runs: list[Run]):
     import contextlib
     import io
 
+    import tyro
+
     from utils.scripts import load_script
 
     checked = set()
@@ -164,8 +166,6 @@ def check_runs(suite_path: str, runs: list[Run]):
             source = f.read()
         if "\nclass Args" not in source or "\ndef resolve_args(" not in source:
             continue
-        import tyro
-
         module = load_script(path)
         where = f"{suite_path}: arm {run.arm!r} ({os.path.basename(path)} on {run.env_id})"
         captured = io.StringIO()
