@@ -635,9 +635,6 @@ def qdagger_check_args(args: Args, tasks: list[str], family: str):
         raise UserError("--eval-checkpoint only evaluates a checkpoint: drop --teacher-checkpoint")
     if len(tasks) > 1:
         raise UserError("--teacher-checkpoint reincarnates on one task, not on an --env-ids sequence")
-    for flag, path in (("--teacher-checkpoint", args.teacher_checkpoint), ("--teacher-replay", args.teacher_replay)):
-        if path is not None and not os.path.isfile(path):
-            raise UserError(f"{flag} {path}: no such file")
     if args.offline_steps and args.teacher_replay is None:
         raise UserError(f"--offline-steps {args.offline_steps} needs --teacher-replay (a replay.npz written by "
                         "--save-replay), or pass --offline-steps 0")
@@ -755,6 +752,11 @@ def qdagger_setup(args: Args, task: str, obs_shape, obs_dtype, n_actions: int, n
                   q_network, target_network, optimizer, writer, device) -> tuple[nn.Module, dict]:
     """The teacher, the returns of the progress ratio, and the offline phase on the teacher's replay (details 1-3).
     Returns the teacher and QDagger's state (multiplier, lambda, progress, learning rate, returns)."""
+    # The files are checked here, not in resolve_args, so that a suite of students can be checked (tests/test_suites.py)
+    # before the teacher's suite has written them (docs/dqn_qdagger.md, detail 9).
+    for flag, path in (("--teacher-checkpoint", args.teacher_checkpoint), ("--teacher-replay", args.teacher_replay)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: no such file")
     teacher = read_teacher(args.teacher_checkpoint, task, obs_shape, n_actions, network, device)
     rb = (read_replay(args.teacher_replay, obs_shape, obs_dtype, n_actions, family == "atari", args.n_step)
           if args.offline_steps else None)
