@@ -1,0 +1,1118 @@
+"""DQN + QDagger (reincarnating RL from a teacher's Q-network and replay) on EnvPool.
+
+Paper: "Reincarnating Reinforcement Learning: Reusing Prior Computation to Accelerate Progress", Agarwal, Schwarzer,
+Castro, Courville, Bellemare, NeurIPS 2022, https://arxiv.org/abs/2206.01626. Official code (JAX, Dopamine):
+google-research/reincarnating_rl at e9df46e (`qdagger_dqn_agent.py`, `loss_helpers.py`, `run_experiment.py`,
+`configs/qdagger_dqn.gin`).
+
+Method: a student DQN learns from a teacher it did not train itself (here: a `--save-model` Q-network and the
+`--save-replay` memory of an earlier run). Phase 1 (offline): `--offline-steps` gradient updates on the teacher's
+replay with the QDagger loss, before any environment step. Phase 2 (online): ordinary DQN on the student's own
+replay with the loss L_TD + lambda_t * KL(softmax(q_T(s)/tau) || softmax(q_S(s)/tau)), where lambda_t = lambda_0 * m
+and the learning rate m * lr_start + (1 - m) * lr_end both follow the multiplier m = max(1 - g, 0) of the student's
+progress g = (student return - random return) / (teacher return - random return); once m reaches 0 (the student
+matched the teacher once, or `--distill-decay-period` online steps have passed) it stays 0.
+
+Differences from the base script (`diff algos/dqn.py algos/dqn_qdagger.py` shows exactly these):
+  - flags `--teacher-checkpoint`, `--teacher-replay`, `--save-replay`, `--offline-steps`, `--distill-coef`,
+    `--distill-temperature`, `--distill-decay-period`, `--qdagger-lr-start`, `--qdagger-lr-end`,
+    `--teacher-return`, `--random-return` and `--progress-episodes`, checked at the end of `resolve_args`;
+  - `distillation_loss`, the progress / multiplier / learning-rate helpers, `read_teacher`, `write_replay`,
+    `read_replay`, `qdagger_setup` (teacher, its return, the random return, the offline phase) and `qdagger_step`;
+  - in the training loop, only with a teacher: the exploration schedule without warm-up, the progress update after
+    each step, the distillation gradient after the TD gradient and the `qdagger/` logs;
+  - with `--save-replay`, <run_dir>/replay.npz at the end (with or without a teacher).
+Without `--teacher-checkpoint` the script is dqn.py: same episodes.csv byte for byte (tested).
+
+Base script: algos/dqn.py (DQN with Dopamine's JAX DQN configuration on Atari, CleanRL's on vector tasks;
+docs/dqn.md). Docs: docs/dqn_qdagger.md. Conventions every script follows: docs/conventions.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+# EnvPool declares float64 Box bounds that gymnasium casts to float32 with a warning on every env creation: noise.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+
+
+@dataclass
+class Args:
+    # --- experiment and outputs (shared by every script, see docs/conventions.md) ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (network init, exploration, replay sampling, environment seeds)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms are used"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the networks live: auto picks cuda when available"""
+    torch_threads: int = 0
+    """torch CPU threads (0: torch's default, one per core unless OMP_NUM_THREADS is set, as the benchmark harness
+    does); on a busy CPU one thread per run avoids oversubscription (docs/conventions.md, threads)"""
+    output_dir: str = "runs"
+    """outputs go to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """the run directory name; default {env}__{exp_name}__{seed}__{unix time}"""
+    save_model: bool = False
+    """if toggled, save the Q-network to <run_dir>/model.pt (loadable with torch.load(..., weights_only=True))"""
+    eval_checkpoint: Optional[str] = None
+    """path to a model.pt written by --save-model: skip training and only evaluate it on --env-id"""
+    eval_episodes: int = 10
+    """number of evaluation episodes at the end of training (0 disables evaluation)"""
+    eval_every: int = 0
+    """also evaluate every this many environment steps (0: only at the end)"""
+    metrics_every: int = 1000
+    """log the plasticity/ diagnostics every this many gradient updates (0 disables them)"""
+    metrics_batch_size: int = 256
+    """size of the fresh replay batch the diagnostics are computed on"""
+    log_every: int = 100
+    """log losses, epsilon and SPS every this many gradient updates"""
+
+    # --- environment ---
+    env_id: str = "CartPole-v1"
+    """the EnvPool task id (Atari: Pong-v5, Breakout-v5, ...; classic control: CartPole-v1, Acrobot-v1, ...) or a
+    MinAtar game: MinAtar/Asterix, MinAtar/Breakout, MinAtar/Freeway, MinAtar/Seaquest, MinAtar/SpaceInvaders"""
+    env_ids: tuple[str, ...] = ()
+    """a task sequence for continual learning (overrides --env-id); all tasks must share observation and action
+    spaces (Atari sequences use the full 18-action set; MinAtar sequences the full 6-action set, with observation
+    channels zero-padded to 10, Seaquest's count)"""
+    steps_per_task: Optional[int] = None
+    """environment steps spent on each task of --env-ids (total steps = len(env_ids) * steps_per_task)"""
+    epsilon_per_task: bool = False
+    """restart the exploration schedule at every task switch (default: one schedule over the whole run)"""
+    total_timesteps: Optional[int] = None
+    """total environment steps, summed over envs [default: Atari 50M agent steps = 200M frames (Dopamine);
+    vector 500k (CleanRL); MinAtar 5M (MinAtar paper)]"""
+    num_envs: int = 1
+    """number of parallel EnvPool environments used for collection"""
+    env_threads: Optional[int] = None
+    """EnvPool worker threads (0: one per env up to the core count) [default: Atari 0; vector 1, since a cheap
+    env step costs less than handing it to another thread; MinAtar steps in this process and ignores it]"""
+    sticky_action_prob: Optional[float] = None
+    """Atari and MinAtar: probability of repeating the previous action [default: Atari 0.25 (Dopamine/Machado et
+    al. protocol); MinAtar 0.1 (minatar.Environment's default, the MinAtar paper)]"""
+    episodic_life: bool = False
+    """Atari only: treat life loss as terminal for learning (returns are still logged per full game)"""
+    noop_max: int = 1
+    """Atari only: maximum no-op actions at reset (Dopamine uses none; 1 is EnvPool's minimum)"""
+    full_action_space: Optional[bool] = None
+    """Atari: use all 18 actions; MinAtar: all 6 instead of the game's minimal set [default: Atari True for task
+    sequences, else False; MinAtar True (the MinAtar paper's agents act with all 6 actions)]"""
+    max_episode_steps: Optional[int] = None
+    """episode cap in agent steps, a truncation [default: EnvPool's, 27000 = 108k frames for Atari; MinAtar none
+    (the MinAtar paper; Freeway ends itself after 2500 steps)]"""
+
+    # --- algorithm (None means the family default, resolved from the observation shape) ---
+    learning_rate: Optional[float] = None
+    """Adam learning rate [default: Atari 6.25e-5 (Dopamine); vector 2.5e-4 (CleanRL); MinAtar 2.5e-4 (the MinAtar
+    paper's step size)]"""
+    adam_eps: Optional[float] = None
+    """Adam epsilon [default: Atari 1.5e-4 (Dopamine); vector 1e-8 (PyTorch/CleanRL); MinAtar 3.125e-4 (Dopamine's
+    MinAtar Adam; the MinAtar paper uses centered RMSprop, docs/dqn.md detail 13)]"""
+    buffer_size: Optional[int] = None
+    """replay memory capacity in transitions [default: Atari 1M; vector 10k; MinAtar 100k]"""
+    gamma: float = 0.99
+    """discount factor"""
+    n_step: int = 1
+    """n-step return length (1 is Dopamine's and CleanRL's DQN)"""
+    batch_size: Optional[int] = None
+    """minibatch size [default: Atari 32; vector 128; MinAtar 32]"""
+    replay_ratio: Optional[float] = None
+    """gradient updates per environment step [default: Atari 0.25 (update period 4); vector 0.1 (train frequency 10);
+    MinAtar 1 (the MinAtar paper)]"""
+    target_network_frequency: Optional[int] = None
+    """environment steps between hard target-network copies [default: Atari 8000; vector 500; MinAtar 1000]"""
+    start_e: float = 1.0
+    """epsilon at the start of the exploration schedule"""
+    end_e: Optional[float] = None
+    """final exploration epsilon [default: Atari 0.01; vector 0.05; MinAtar 0.1]"""
+    exploration_steps: Optional[int] = None
+    """environment steps over which epsilon decays linearly, starting after learning_starts
+    [default: Atari 250k; vector: until half of total_timesteps, as CleanRL's exploration_fraction 0.5; MinAtar 100k]"""
+    learning_starts: Optional[int] = None
+    """environment steps of uniform-random play before learning [default: Atari 20k; vector 10k; MinAtar 5000]"""
+    eval_epsilon: Optional[float] = None
+    """epsilon of the evaluation policy [default: Atari 0.001 (Dopamine); vector 0.05 (CleanRL); MinAtar 0.001
+    (Dopamine's MinAtar; the MinAtar paper reports training returns only)]"""
+    loss: Optional[Literal["mse", "huber"]] = None
+    """TD regression loss [default: Atari mse (Dopamine's JAX DQN); vector mse (CleanRL); MinAtar huber (the
+    MinAtar paper's smooth L1)]"""
+    clip_rewards: Optional[bool] = None
+    """clip rewards to [-1, 1] for learning [default: Atari True; vector False; MinAtar False (the MinAtar paper)]"""
+
+    # --- QDagger (docs/dqn_qdagger.md, "Hyperparameters") ---
+    teacher_checkpoint: Optional[str] = None
+    """the teacher: a model.pt written by --save-model (of dqn.py or of this script) whose network these flags build;
+    without it (and with --offline-steps 0) this script is dqn.py"""
+    teacher_replay: Optional[str] = None
+    """the teacher's replay memory for the offline phase: a replay.npz written by --save-replay"""
+    save_replay: bool = False
+    """if toggled, write the replay memory to <run_dir>/replay.npz at the end (the data of a future --teacher-replay)"""
+    offline_steps: Optional[int] = None
+    """gradient updates on --teacher-replay before the first environment step [default with a teacher: Atari 1M
+    (official gin: 10 pretraining iterations x 100k updates); vector and MinAtar 100k (one official iteration, ours);
+    without a teacher 0]"""
+    distill_coef: float = 3.0
+    """lambda_0, the weight of the distillation loss before decay [official DQN gin 3.0; Rainbow gin 1.0; CleanRL 1.0]"""
+    distill_temperature: float = 0.1
+    """tau of both softmaxes of the distillation loss [official gin 0.1; CleanRL 1.0]"""
+    distill_decay_period: Optional[int] = None
+    """online environment steps after which lambda and the learning-rate multiplier are 0 for good (0: no cut-off)
+    [default: Atari 1.5M (official DQN gin, with 10M online steps); vector and MinAtar 15% of --total-timesteps, the
+    official fraction (ours)]"""
+    qdagger_lr_start: Optional[float] = None
+    """learning rate at multiplier 1 (the offline phase and the start of the online one) [default: Atari 1e-4
+    (official gin `create_linear_schedule.initial_lr`); vector and MinAtar: the family's --learning-rate (ours)]"""
+    qdagger_lr_end: Optional[float] = None
+    """learning rate at multiplier 0 [default: Atari 1e-5 (official gin `final_lr`); vector and MinAtar: a tenth of
+    --qdagger-lr-start, the official ratio (ours)]"""
+    teacher_return: Optional[float] = None
+    """the teacher's return in the progress ratio [default: measured at the start, the mean of --eval-episodes
+    evaluation episodes of the teacher at --eval-epsilon (official: one evaluation phase of the teacher)]"""
+    random_return: Optional[float] = None
+    """a uniform-random policy's return in the progress ratio [default: measured at the start, --eval-episodes
+    episodes of uniform-random actions (official: the Atari random-score table, `atari_scores.py`)]"""
+    progress_episodes: int = 10
+    """the student's return in the progress ratio is the mean of its last this many training episodes, updated when
+    an episode ends (official: the mean return of each 250k-step iteration's evaluation phase; ours, detail 4)"""
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2, no traceback."""
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops with summary status "diverged"."""
+
+
+# Family defaults: (Atari / pixels, Dopamine dqn.gin), (vector observations, CleanRL dqn.py) and (MinAtar, the
+# MinAtar paper's examples/dqn.py). docs/dqn.md, details 1 and 13.
+FAMILY_DEFAULTS = {
+    "atari": dict(learning_rate=6.25e-5, adam_eps=1.5e-4, buffer_size=1_000_000, batch_size=32, replay_ratio=0.25,
+                  target_network_frequency=8000, end_e=0.01, learning_starts=20_000, eval_epsilon=0.001,
+                  clip_rewards=True, env_threads=0, total_timesteps=50_000_000, exploration_steps=250_000,
+                  loss="mse", sticky_action_prob=0.25),
+    "vector": dict(learning_rate=2.5e-4, adam_eps=1e-8, buffer_size=10_000, batch_size=128, replay_ratio=0.1,
+                   target_network_frequency=500, end_e=0.05, learning_starts=10_000, eval_epsilon=0.05,
+                   clip_rewards=False, env_threads=1, total_timesteps=500_000, loss="mse"),
+    "minatar": dict(learning_rate=2.5e-4, adam_eps=3.125e-4, buffer_size=100_000, batch_size=32, replay_ratio=1.0,
+                    target_network_frequency=1000, end_e=0.1, learning_starts=5000, eval_epsilon=0.001,
+                    clip_rewards=False, env_threads=0, total_timesteps=5_000_000, exploration_steps=100_000,
+                    loss="huber", sticky_action_prob=0.1),
+}
+# MinAtar games by env id (minatar.Environment names). Observations are (channels, 10, 10) 0/1 grids (detail 13).
+MINATAR_GAMES = {"MinAtar/Asterix": "asterix", "MinAtar/Breakout": "breakout", "MinAtar/Freeway": "freeway",
+                 "MinAtar/Seaquest": "seaquest", "MinAtar/SpaceInvaders": "space_invaders"}
+MINATAR_CHANNELS = 10  # the most any game has (Seaquest): task sequences pad every game to it
+
+
+def resolve_args(args: Args):
+    """Check the flags against the environments and fill in the family defaults; returns (tasks, family, spec)."""
+    import envpool
+
+    negative = [(key, value) for key, value in vars(args).items() if type(value) is int and value < 0]
+    if negative:  # no count, size, period, budget or seed is negative (docs/conventions.md, section 10)
+        raise UserError(f"--{negative[0][0].replace('_', '-')} must be >= 0 (got {negative[0][1]})")
+    tasks = list(args.env_ids) if args.env_ids else [args.env_id]
+    minatar = tasks[0].startswith("MinAtar/")  # MinAtar games come from the minatar package, not EnvPool (detail 13)
+    if any(task.startswith("MinAtar/") != minatar for task in tasks):
+        raise UserError(f"a task sequence cannot mix MinAtar and EnvPool ids: {' '.join(tasks)}")
+    known = list(MINATAR_GAMES) if minatar else envpool.list_all_envs()
+    for task in tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=3, cutoff=0.6)
+            hint = f" (did you mean: {', '.join(close)}?)" if close else " (see envpool.list_all_envs())"
+            hint = f" (MinAtar games: {', '.join(MINATAR_GAMES)})" if minatar else hint
+            raise UserError(f"unknown env id '{task}'{hint}")
+    if args.full_action_space is None:  # MinAtar: all 6 actions, as the MinAtar paper's agents (detail 13)
+        args.full_action_space = len(tasks) > 1 or minatar
+    specs = [MinAtarVecEnv(MINATAR_GAMES[task], 1, [0], 0.0, args.full_action_space, len(tasks) > 1) if minatar
+             else envpool.make_spec(task) for task in tasks]
+    spaces = set()
+    for task, spec in zip(tasks, specs):
+        if type(spec.action_space).__name__ != "Discrete":
+            raise UserError(f"dqn.py needs a discrete action space; {task} has {spec.action_space}")
+        shape = getattr(spec.observation_space, "shape", None)
+        if shape is None or len(shape) not in (1, 3):
+            raise UserError(f"dqn.py supports vector or stacked-image observations; {task} has {spec.observation_space}")
+        spaces.add(tuple(shape))
+    if len(spaces) > 1:
+        raise UserError(f"all tasks of --env-ids must share the observation shape; got {sorted(spaces)}")
+    family = "minatar" if minatar else ("atari" if len(next(iter(spaces))) == 3 else "vector")
+    if family == "atari":  # the full action set is a make() option, so ask EnvPool for the set each task will use
+        specs = [envpool.make_spec(task, full_action_space=args.full_action_space) for task in tasks]
+    if len({spec.action_space.n for spec in specs}) > 1:
+        raise UserError("all tasks of --env-ids must share the action space (Atari: use --full-action-space)")
+    for key, value in FAMILY_DEFAULTS[family].items():
+        if getattr(args, key) is None and key != "total_timesteps":
+            setattr(args, key, value)
+    if len(tasks) > 1:
+        if args.steps_per_task is None:
+            raise UserError("--env-ids with more than one task needs --steps-per-task")
+        if args.total_timesteps not in (None, len(tasks) * args.steps_per_task):
+            raise UserError("--total-timesteps must equal len(env_ids) * steps_per_task (or be left out)")
+        args.total_timesteps = len(tasks) * args.steps_per_task
+    elif args.total_timesteps is None:
+        args.total_timesteps = args.steps_per_task or FAMILY_DEFAULTS[family]["total_timesteps"]
+    if args.exploration_steps is None:  # vector: epsilon reaches end_e at half of the run (CleanRL)
+        args.exploration_steps = max(1, args.total_timesteps // 2 - args.learning_starts)
+    for name in ("num_envs", "batch_size", "buffer_size", "n_step", "target_network_frequency", "total_timesteps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.replay_ratio < 0 or not 0 <= args.end_e <= args.start_e <= 1:
+        raise UserError("need --replay-ratio >= 0 and 0 <= end-e <= start-e <= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch or use --device cpu)")
+    if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
+        raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
+    if args.buffer_size // args.num_envs <= args.n_step + 4:
+        raise UserError("--buffer-size is too small for --num-envs and --n-step")
+    qdagger_check_args(args, tasks, family)  # QDagger's checks and defaults (docs/dqn_qdagger.md, detail 9)
+    return tasks, family
+
+
+def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bool = True):
+    """An EnvPool Gymnasium vector env. Atari follows the Dopamine protocol (docs/dqn.md, detail 2). MinAtar ids
+    get MinAtarVecEnv, which behaves like EnvPool (detail 13)."""
+    if env_id in MINATAR_GAMES:
+        return MinAtarVecEnv(MINATAR_GAMES[env_id], num_envs, seeds, args.sticky_action_prob, args.full_action_space,
+                             len(args.env_ids) > 1, args.max_episode_steps)
+    import envpool
+
+    kwargs = dict(env_type="gymnasium", num_envs=num_envs, seed=seeds, num_threads=args.env_threads or 0)
+    config_keys = envpool.make_spec(env_id).config._fields
+    atari = dict(
+        episodic_life=args.episodic_life and train,  # evaluation always plays full games
+        reward_clip=False,  # rewards are clipped in the agent, so the env's reward stays the raw score
+        repeat_action_probability=args.sticky_action_prob,
+        noop_max=args.noop_max,
+        use_fire_reset=False,  # Dopamine does not press FIRE at reset
+        full_action_space=args.full_action_space,
+    )
+    kwargs.update({k: v for k, v in atari.items() if k in config_keys})
+    if args.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = args.max_episode_steps
+    return envpool.make(env_id, **kwargs)
+
+
+def env_seeds(seed: int, task_index: int, purpose: int, num_envs: int) -> list[int]:
+    """Distinct EnvPool seeds per run, task and purpose. EnvPool gives env i the seed `seed + i` when given an int,
+    so runs with seeds 1 and 2 would share num_envs - 1 environments; we pass an explicit list instead."""
+    state = np.random.SeedSequence([seed, task_index, purpose]).generate_state(num_envs)
+    return [int(s % (2**31 - 1)) for s in state]
+
+
+class MinAtarVecEnv:
+    """`num_envs` MinAtar games behind the EnvPool interface this script relies on (docs/dqn.md, detail 13).
+
+    Each env is a `minatar.Environment` (its own sticky actions, seeded with `seeds[i]`). Observations are the
+    game's (10, 10, C) bool grid as (C, 10, 10) uint8, channels zero-padded to MINATAR_CHANNELS with `pad_channels`
+    (task sequences). Actions index the game's minimal action set, or all 6 actions with `full_action_space`.
+    Like EnvPool, an env auto-resets on the step *after* its episode ended: that step ignores the action and
+    returns the new episode's first observation with reward 0. `max_episode_steps` truncates an episode."""
+
+    def __init__(self, game: str, num_envs: int, seeds: list[int], sticky_action_prob: float,
+                 full_action_space: bool, pad_channels: bool, max_episode_steps: Optional[int] = None):
+        import gymnasium
+        import minatar
+
+        self.games = [minatar.Environment(game, sticky_action_prob=sticky_action_prob) for _ in range(num_envs)]
+        for env, seed in zip(self.games, seeds):
+            env.seed(seed)  # seeds the game's dynamics and its sticky-action coin (one RandomState)
+        self.action_set = list(range(6)) if full_action_space else self.games[0].minimal_action_set()
+        self.game_channels = self.games[0].n_channels
+        channels = MINATAR_CHANNELS if pad_channels else self.game_channels
+        self.observation_space = gymnasium.spaces.Box(0, 1, (channels, 10, 10), np.uint8)
+        self.action_space = gymnasium.spaces.Discrete(len(self.action_set))
+        self.max_episode_steps = max_episode_steps
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.done = np.zeros(num_envs, dtype=bool)
+
+    def observe(self) -> np.ndarray:
+        obs = np.zeros((len(self.games), *self.observation_space.shape), dtype=np.uint8)
+        obs[:, : self.game_channels] = np.stack([env.state() for env in self.games]).transpose(0, 3, 1, 2)
+        return obs
+
+    def reset(self):
+        for env in self.games:
+            env.reset()
+        self.lengths[:], self.done[:] = 0, False
+        return self.observe(), {}
+
+    def step(self, actions):
+        n = len(self.games)
+        reward = np.zeros(n, dtype=np.float32)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        for i, env in enumerate(self.games):
+            if self.done[i]:  # EnvPool-style auto-reset step: the action is ignored
+                env.reset()
+                self.lengths[i] = 0
+                continue
+            reward[i], terminated[i] = env.act(self.action_set[int(actions[i])])
+            self.lengths[i] += 1
+        if self.max_episode_steps is not None:
+            truncated = ~terminated & ~self.done & (self.lengths >= self.max_episode_steps)
+        self.done = terminated | truncated
+        return self.observe(), reward, terminated, truncated, {}
+
+    def close(self):
+        pass
+
+
+class ReplayBuffer:
+    """Replay memory storing every frame once (docs/dqn.md, detail 3).
+
+    Row t of the per-env ring holds the newest frame of obs_t, a_t, r_t and the flags of the step taken from obs_t.
+    The next observation of a transition is row t+1, so no frame is stored twice; stacked Atari observations are
+    rebuilt from the last `stack` rows, repeating the first frame of an episode as EnvPool does at a reset.
+    `valid[t]` is False for EnvPool's auto-reset step (obs_t is a final observation, its action is ignored), so
+    that pseudo-transition is never sampled. `first[t]` marks the first observation after a full reset.
+    `stacked`: observations are frame stacks (Atari); otherwise each observation is stored whole (vectors, and
+    MinAtar grids as uint8).
+    """
+
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, obs_dtype, stacked: bool):
+        self.rows = capacity // num_envs
+        self.num_envs = num_envs
+        self.stack = obs_shape[0] if stacked else 1
+        frame_shape = obs_shape[1:] if stacked else obs_shape
+        self.frames = np.zeros((self.rows, num_envs, *frame_shape), dtype=obs_dtype)
+        self.actions = np.zeros((self.rows, num_envs), dtype=np.int64)
+        self.rewards = np.zeros((self.rows, num_envs), dtype=np.float32)
+        self.terminated = np.zeros((self.rows, num_envs), dtype=bool)
+        self.truncated = np.zeros((self.rows, num_envs), dtype=bool)
+        self.first = np.zeros((self.rows, num_envs), dtype=bool)
+        self.valid = np.zeros((self.rows, num_envs), dtype=bool)
+        self.pos, self.full = 0, False
+
+    def __len__(self):
+        return (self.rows if self.full else self.pos) * self.num_envs
+
+    def add(self, obs, actions, rewards, terminated, truncated, first, valid):
+        p = self.pos
+        self.frames[p] = obs[:, -1] if self.stack > 1 else obs
+        self.actions[p], self.rewards[p] = actions, rewards
+        self.terminated[p], self.truncated[p] = terminated, truncated
+        self.first[p], self.valid[p] = first, valid
+        self.pos = (p + 1) % self.rows
+        self.full = self.full or self.pos == 0
+
+    def end_episodes(self, obs, first):
+        """Cut every stream here (task switch): the last stored step becomes a truncation whose next observation
+        is `obs`, stored as a row that is never sampled itself."""
+        self.truncated[(self.pos - 1) % self.rows] = True
+        zeros = np.zeros(self.num_envs)
+        self.add(obs, zeros, zeros, zeros, zeros, first, np.zeros(self.num_envs, dtype=bool))
+
+    def sampleable(self, n_step: int) -> int:
+        """Number of rows transitions can start from: each needs its next n rows written (and, once the ring has
+        wrapped, its `stack - 1` predecessors intact)."""
+        size = self.rows if self.full else self.pos
+        return max(0, size - n_step - (self.stack - 1 if self.full else 0))
+
+    def stacked(self, rows, envs):
+        if self.stack == 1:
+            return self.frames[rows, envs]
+        idx = np.empty((len(rows), self.stack), dtype=np.int64)
+        idx[:, -1] = rows
+        for d in range(self.stack - 2, -1, -1):  # walk back, but never past the first frame of an episode
+            nxt = idx[:, d + 1]
+            idx[:, d] = np.where(self.first[nxt, envs], nxt, (nxt - 1) % self.rows)
+        return self.frames[idx, envs[:, None]]
+
+    def sample(self, batch_size: int, rng: np.random.Generator, n_step: int = 1, gamma: float = 0.99):
+        """Uniform over stored real transitions; returns obs, actions, n-step returns, bootstrap discounts
+        (gamma^m, or 0 after a termination) and the observation to bootstrap from."""
+        count = self.sampleable(n_step)
+        if count < 1:
+            raise ValueError("not enough data in the replay memory to sample")
+        start = self.pos if self.full else 0
+        oldest = self.stack - 1 if self.full else 0
+        rows = np.empty(batch_size, dtype=np.int64)
+        envs = np.empty(batch_size, dtype=np.int64)
+        todo = np.arange(batch_size)
+        while len(todo):  # rejection sampling keeps the distribution uniform over valid transitions
+            rows[todo] = (start + oldest + rng.integers(0, count, len(todo))) % self.rows
+            envs[todo] = rng.integers(0, self.num_envs, len(todo))
+            todo = todo[~self.valid[rows[todo], envs[todo]]]
+        returns = np.zeros(batch_size, dtype=np.float32)
+        steps = np.zeros(batch_size, dtype=np.int64)
+        alive = np.ones(batch_size, dtype=bool)
+        terminal = np.zeros(batch_size, dtype=bool)
+        for i in range(n_step):  # n-step return, stopping at the end of the episode (docs/dqn.md, detail 4)
+            r = (rows + i) % self.rows
+            returns += np.where(alive, gamma**i * self.rewards[r, envs], 0.0).astype(np.float32)
+            steps += alive
+            term, trunc = self.terminated[r, envs], self.truncated[r, envs]
+            terminal |= alive & term
+            alive &= ~(term | trunc)
+        discounts = np.where(terminal, 0.0, gamma**steps).astype(np.float32)
+        next_rows = (rows + steps) % self.rows
+        return (self.stacked(rows, envs), self.actions[rows, envs], returns, discounts,
+                self.stacked(next_rows, envs))
+
+
+class EpisodeStats:
+    """Full-game, unclipped episode returns from EnvPool's `info` (docs/dqn.md, detail 5).
+
+    Atari's `info["reward"]` is the raw score and `info["terminated"]` is a real game over, so returns are per game
+    even when life loss is a training terminal and rewards are clipped. Other families report neither key, and
+    their returned reward and `terminated` are already the true ones."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs, dtype=np.float64)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+
+    def update(self, reward, terminated, truncated, info, valid):
+        """Add one vector step; returns (game_over mask, [(env index, return, length) for finished games])."""
+        self.returns += info["reward"] if "reward" in info else reward
+        self.lengths += valid  # the auto-reset step is not an agent step
+        game_over = (info["terminated"].astype(bool) if "terminated" in info else terminated) | truncated
+        if not game_over.any():
+            return game_over, []
+        finished = [(int(i), float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(game_over)]
+        self.returns[game_over], self.lengths[game_over] = 0.0, 0
+        return game_over, finished
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow/Flax 'SAME' padding (the extra pixel goes after), as Dopamine's Nature CNN uses."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class QNetwork(nn.Module):
+    """Nature CNN (pixels, Dopamine: SAME padding, xavier_uniform, zero bias), CleanRL's 120-84 MLP (vectors), or
+    with `minatar` the MinAtar paper's network (one 3x3 conv of 16 channels, stride 1, VALID, then 128 units).
+
+    One nn.Sequential whose hidden layers are (Linear|Conv2d, ReLU) pairs, so interventions and diagnostics can
+    walk it (`hidden_layers`); `forward(x, return_hidden=True)` also returns every ReLU output."""
+
+    def __init__(  # one parameter per line: an intervention adds its own (docs/conventions.md, section 9)
+        self,
+        obs_shape: tuple,
+        n_actions: int,
+        minatar: bool = False,
+    ):
+        super().__init__()
+        self.pixel = len(obs_shape) == 3 and not minatar  # Atari frames: uint8 scaled by 1/255 in forward
+        if minatar:  # 0/1 grids, used as they are; PyTorch default init as the MinAtar paper's code (detail 13)
+            c, h, w = obs_shape
+            layers = [("conv1", nn.Conv2d(c, 16, 3, 1)), ("act1", nn.ReLU()), ("flatten", nn.Flatten()),
+                      ("fc1", nn.Linear(16 * (h - 2) * (w - 2), 128)), ("act2", nn.ReLU()),
+                      ("q", nn.Linear(128, n_actions))]
+        elif self.pixel:
+            layers, (c, size) = [], (obs_shape[0], obs_shape[1])
+            for i, (out, k, s) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], start=1):
+                lo, hi = same_padding(size, k, s)
+                layers += [(f"pad{i}", nn.ZeroPad2d((lo, hi, lo, hi))), (f"conv{i}", nn.Conv2d(c, out, k, s)),
+                           (f"act{i}", nn.ReLU())]
+                c, size = out, math.ceil(size / s)
+            layers += [("flatten", nn.Flatten()), ("fc1", nn.Linear(c * size * size, 512)), ("act4", nn.ReLU()),
+                       ("q", nn.Linear(512, n_actions))]
+        else:
+            layers = [("fc1", nn.Linear(int(np.prod(obs_shape)), 120)), ("act1", nn.ReLU()),
+                      ("fc2", nn.Linear(120, 84)), ("act2", nn.ReLU()), ("q", nn.Linear(84, n_actions))]
+        self.net = nn.Sequential(OrderedDict(layers))
+        if self.pixel:
+            for m in self.net:
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x, return_hidden: bool = False):
+        x = x.float() / 255.0 if self.pixel else x.float()
+        if not return_hidden:
+            return self.net(x)
+        hidden = []
+        for module in self.net:
+            x = module(x)
+            if isinstance(module, nn.ReLU):
+                hidden.append(x)
+        return x, hidden
+
+    def hidden_layers(self):
+        """Names of the layers whose ReLU outputs are the hidden units, in forward order."""
+        names, last = [], None
+        for name, module in self.net.named_children():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                last = name
+            elif isinstance(module, nn.ReLU):
+                names.append(last)
+        return names
+
+
+def td_loss(q_network, target_network, obs, actions, returns, discounts, next_obs, loss_type: str,
+            return_hidden: bool = False):
+    with torch.no_grad():
+        target = returns + discounts * target_network(next_obs).max(dim=1).values
+    out = q_network(obs, return_hidden=return_hidden)
+    q_values, hidden = out if return_hidden else (out, None)
+    q_taken = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
+    loss = F.mse_loss(q_taken, target) if loss_type == "mse" else F.smooth_l1_loss(q_taken, target)
+    return (loss, q_taken, hidden) if return_hidden else (loss, q_taken)
+
+
+def unit_scores(x: torch.Tensor) -> torch.Tensor:
+    """ReDo's layer-normalised score per unit (a conv channel is one unit): mean |x| over batch (and space),
+    divided by the layer's mean of that quantity."""
+    per_unit = x.abs().mean(dim=(0, 2, 3)) if x.dim() == 4 else x.abs().mean(dim=0)
+    return per_unit / (per_unit.mean() + 1e-9)
+
+
+def srank(features: torch.Tensor, delta: float = 0.01) -> int:
+    """Effective rank of Kumar et al. (2021): the fewest singular values holding 1 - delta of their sum."""
+    sv = torch.linalg.svdvals(features.float())
+    cumulative = torch.cumsum(sv, 0) / sv.sum().clamp_min(1e-12)
+    return int((cumulative < 1 - delta).sum().item()) + 1
+
+
+def plasticity_metrics(q_network, target_network, batch, loss_type: str, taus=(0.0, 0.1)) -> dict[str, float]:
+    """The plasticity/ diagnostics of docs/conventions.md on one replay batch (docs/dqn.md, detail 7)."""
+    loss, _, hidden = td_loss(q_network, target_network, *batch, loss_type, return_hidden=True)
+    params = [p for p in q_network.parameters()]
+    grads = torch.autograd.grad(loss, hidden + params)
+    hidden_grads, param_grads = grads[: len(hidden)], grads[len(hidden):]
+    metrics, totals = {}, {}
+    for name, h, g in zip(q_network.hidden_layers(), hidden, hidden_grads):
+        # GraMa scores the gradient through the ReLU (w.r.t. the pre-activation), so a dead unit scores 0
+        act_score, grad_score = unit_scores(h.detach()), unit_scores(g * (h.detach() > 0))
+        for tau in taus:
+            for kind, score in (("dormant", act_score), ("grad_inactive", grad_score)):
+                key = f"{kind}_tau{tau:g}"
+                frac = (score <= tau).float()
+                metrics[f"plasticity/{key}/{name}"] = frac.mean().item()
+                count, units = totals.get(key, (0.0, 0))
+                totals[key] = (count + frac.sum().item(), units + frac.numel())
+    for key, (count, units) in totals.items():
+        metrics[f"plasticity/{key}"] = count / units
+    features = hidden[-1].detach().flatten(1)
+    metrics["plasticity/srank"] = srank(features)
+    metrics["plasticity/feature_norm"] = features.norm(dim=1).mean().item()
+    metrics["plasticity/param_norm"] = torch.sqrt(sum((p.detach() ** 2).sum() for p in params)).item()
+    metrics["plasticity/grad_norm"] = torch.sqrt(sum((g**2).sum() for g in param_grads)).item()
+    return metrics
+
+
+def qdagger_check_args(args: Args, tasks: list[str], family: str):
+    """QDagger's flags against each other and the tasks, and their family defaults (docs/dqn_qdagger.md, detail 9)."""
+    teacher = args.teacher_checkpoint is not None
+    if args.offline_steps is None:
+        args.offline_steps = (1_000_000 if family == "atari" else 100_000) if teacher else 0
+    if args.distill_decay_period is None:
+        args.distill_decay_period = 1_500_000 if family == "atari" else int(0.15 * args.total_timesteps)
+    if args.qdagger_lr_start is None:
+        args.qdagger_lr_start = 1e-4 if family == "atari" else args.learning_rate
+    if args.qdagger_lr_end is None:
+        args.qdagger_lr_end = 1e-5 if family == "atari" else args.qdagger_lr_start / 10
+    if not teacher:
+        if args.offline_steps or args.teacher_replay or args.teacher_return is not None or args.random_return is not None:
+            raise UserError("--offline-steps, --teacher-replay, --teacher-return and --random-return need --teacher-checkpoint")
+        return
+    if args.eval_checkpoint:
+        raise UserError("--eval-checkpoint only evaluates a checkpoint: drop --teacher-checkpoint")
+    if len(tasks) > 1:
+        raise UserError("--teacher-checkpoint reincarnates on one task, not on an --env-ids sequence")
+    if args.offline_steps and args.teacher_replay is None:
+        raise UserError(f"--offline-steps {args.offline_steps} needs --teacher-replay (a replay.npz written by "
+                        "--save-replay), or pass --offline-steps 0")
+    if args.eval_episodes < 1 and (args.teacher_return is None or args.random_return is None):
+        raise UserError("measuring the teacher's or the random return needs --eval-episodes >= 1 (or pass "
+                        "--teacher-return and --random-return)")
+    if None not in (args.teacher_return, args.random_return) and args.teacher_return <= args.random_return:
+        raise UserError(f"--teacher-return ({args.teacher_return}) must be above --random-return ({args.random_return})")
+    if not (args.distill_temperature > 0 and args.distill_coef >= 0 and args.progress_episodes >= 1):
+        raise UserError("need --distill-temperature > 0, --distill-coef >= 0 and --progress-episodes >= 1")
+    if not 0 < args.qdagger_lr_end <= args.qdagger_lr_start:
+        raise UserError("need 0 < --qdagger-lr-end <= --qdagger-lr-start")
+
+
+def distillation_loss(student_q: torch.Tensor, teacher_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher_q / tau) || softmax(student_q / tau)) per state, averaged over the batch: the official
+    `distillation_loss` (policy only), no tau^2 factor (docs/dqn_qdagger.md, detail 2)."""
+    teacher_logp = F.log_softmax(teacher_q / temperature, dim=1)
+    student_logp = F.log_softmax(student_q / temperature, dim=1)
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=1).mean()
+
+
+def qdagger_progress(student_return: float, teacher_return: float, random_return: float) -> float:
+    """The student's progress g towards the teacher (official `_record_score`, with its 1e-8)."""
+    return (student_return - random_return) / (teacher_return - random_return + 1e-8)
+
+
+def qdagger_multiplier(previous: float, progress: float, online_steps: int, decay_period: int) -> float:
+    """m = max(1 - g, 0), 0 after the decay period; once 0 it stays 0 (official `record_score`: detail 4)."""
+    if previous <= 0.0 or (decay_period and online_steps > decay_period):
+        return 0.0
+    return max(1.0 - progress, 0.0)
+
+
+def qdagger_learning_rate(multiplier: float, lr_start: float, lr_end: float) -> float:
+    """Official `create_linear_schedule`: m * lr_start + (1 - m) * lr_end (detail 4)."""
+    return multiplier * lr_start + (1.0 - multiplier) * lr_end
+
+
+def read_teacher(path: str, task: str, obs_shape: tuple, n_actions: int, network: dict, device) -> nn.Module:
+    """The --teacher-checkpoint network, read with safe loading only; another observation shape or action count,
+    or another network, is one line (docs/dqn_qdagger.md, detail 1)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # never retried unsafely (docs/conventions.md, section 10)
+        raise UserError(f"--teacher-checkpoint {path}: not a file safe loading can read ({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
+            and {"model", "obs_shape", "n_actions"} <= checkpoint.keys()):
+        raise UserError(f"--teacher-checkpoint {path}: not a checkpoint written by --save-model")
+    if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):
+        raise UserError(f"--teacher-checkpoint {path}: the teacher takes observations {tuple(checkpoint['obs_shape'])} "
+                        f"and {checkpoint['n_actions']} actions; {task} has {tuple(obs_shape)} and {n_actions}")
+    with torch.random.fork_rng(devices=[]):  # the teacher's throwaway init leaves the run's torch RNG alone
+        teacher = QNetwork(obs_shape, n_actions, **network).to(device)
+    try:
+        load_weights(teacher, checkpoint, path)
+    except UserError as err:
+        raise UserError(str(err).replace("--eval-checkpoint", "--teacher-checkpoint")) from None
+    return teacher.eval().requires_grad_(False)
+
+
+REPLAY_ARRAYS = ("frames", "actions", "rewards", "terminated", "truncated", "first", "valid")
+
+
+def write_replay(rb: ReplayBuffer, path: str):
+    """The replay memory as it is stored (each frame once) in one compressed .npz, atomically (detail 7)."""
+    with open(path + ".tmp", "wb") as f:
+        np.savez_compressed(f, **{name: getattr(rb, name) for name in REPLAY_ARRAYS},
+                            pos=np.int64(rb.pos), full=np.bool_(rb.full))
+    os.replace(path + ".tmp", path)
+
+
+def read_replay(path: str, obs_shape: tuple, obs_dtype, n_actions: int, stacked: bool, n_step: int) -> ReplayBuffer:
+    """A --save-replay file as a ReplayBuffer, read without pickle and checked against this task (detail 7)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in REPLAY_ARRAYS + ("pos", "full")}
+    except Exception as err:  # missing member, truncated or corrupt zip, a pickled object
+        raise UserError(f"--teacher-replay {path}: not a replay file written by --save-replay "
+                        f"({type(err).__name__})") from None
+    frames = arrays["frames"]
+    frame_shape = tuple(obs_shape[1:]) if stacked else tuple(obs_shape)
+    if frames.ndim < 2 or tuple(frames.shape[2:]) != frame_shape or frames.dtype != np.dtype(obs_dtype):
+        raise UserError(f"--teacher-replay {path}: holds frames of shape {tuple(frames.shape[2:])} ({frames.dtype}); "
+                        f"this task's are {frame_shape} ({np.dtype(obs_dtype)})")
+    rows, num_envs = frames.shape[:2]
+    if (any(arrays[name].shape != (rows, num_envs) for name in REPLAY_ARRAYS[1:])
+            or arrays["pos"].shape != () or not 0 <= int(arrays["pos"]) < max(rows, 1)):
+        raise UserError(f"--teacher-replay {path}: its arrays disagree in shape (not written by --save-replay?)")
+    if arrays["actions"].size and not 0 <= arrays["actions"].min() <= arrays["actions"].max() < n_actions:
+        raise UserError(f"--teacher-replay {path}: holds actions outside 0..{n_actions - 1}, this task's actions")
+    rb = ReplayBuffer(num_envs, num_envs, obs_shape, obs_dtype, stacked)  # one row, replaced by the file's
+    for name in REPLAY_ARRAYS:
+        setattr(rb, name, arrays[name].astype(getattr(rb, name).dtype, copy=False))
+    rb.rows, rb.pos, rb.full = rows, int(arrays["pos"]), bool(arrays["full"])
+    size = rows if rb.full else rb.pos
+    if rb.sampleable(n_step) < 1 or not rb.valid[:size].any():
+        raise UserError(f"--teacher-replay {path}: holds no transition to learn from")
+    return rb
+
+
+def qdagger_update(q_network, target_network, teacher, optimizer, batch, args: Args, lam: float):
+    """One gradient update of L_TD + lam * distillation on `batch`; returns (td loss, distillation loss)."""
+    loss, _ = td_loss(q_network, target_network, *batch, args.loss)
+    distill = distillation_loss(q_network(batch[0]), teacher(batch[0]), args.distill_temperature)
+    if not (math.isfinite(loss.item()) and math.isfinite(distill.item())):
+        raise Diverged(f"non-finite offline loss (td {loss.item()}, distillation {distill.item()})")
+    optimizer.zero_grad(set_to_none=True)
+    (loss + lam * distill).backward()
+    optimizer.step()
+    return loss.item(), distill.item()
+
+
+def qdagger_setup(args: Args, task: str, obs_shape, obs_dtype, n_actions: int, network: dict, family: str,
+                  q_network, target_network, optimizer, writer, device) -> tuple[nn.Module, dict]:
+    """The teacher, the returns of the progress ratio, and the offline phase on the teacher's replay (details 1-3).
+    Returns the teacher and QDagger's state (multiplier, lambda, progress, learning rate, returns)."""
+    # The files are checked here, not in resolve_args, so that a suite of students can be checked (tests/test_suites.py)
+    # before the teacher's suite has written them (docs/dqn_qdagger.md, detail 9).
+    for flag, path in (("--teacher-checkpoint", args.teacher_checkpoint), ("--teacher-replay", args.teacher_replay)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: no such file")
+    teacher = read_teacher(args.teacher_checkpoint, task, obs_shape, n_actions, network, device)
+    rb = (read_replay(args.teacher_replay, obs_shape, obs_dtype, n_actions, family == "atari", args.n_step)
+          if args.offline_steps else None)
+    teacher_return, random_return = args.teacher_return, args.random_return
+    if teacher_return is None:  # official: an evaluation phase of the teacher before training
+        teacher_return = float(np.mean(evaluate(teacher, task, args, args.eval_episodes, args.eval_epsilon,
+                                                args.seed, device)))
+    if random_return is None:  # epsilon 1: uniform-random actions on the same evaluation episodes
+        random_return = float(np.mean(evaluate(teacher, task, args, args.eval_episodes, 1.0, args.seed, device)))
+    if teacher_return <= random_return:
+        raise UserError(f"the teacher's return ({teacher_return:g}) is not above the random return "
+                        f"({random_return:g}): its progress ratio is undefined (pass --teacher-return/--random-return)")
+    print(f"qdagger: teacher return {teacher_return:g}, random return {random_return:g}")
+    writer.add_scalar("qdagger/teacher_return", teacher_return, 0)
+    writer.add_scalar("qdagger/random_return", random_return, 0)
+    state = dict(multiplier=1.0, progress=0.0, teacher_return=teacher_return, random_return=random_return,
+                 lr=args.qdagger_lr_start, distill_loss=0.0)
+    state["lambda"] = args.distill_coef * state["multiplier"]
+    for group in optimizer.param_groups:
+        group["lr"] = state["lr"]
+    # Offline phase (detail 3): multiplier 1, the target copied every as many updates as online, its own sampler.
+    offline_rng = np.random.default_rng([args.seed, 2])
+    sync_every = max(1, round(args.target_network_frequency * args.replay_ratio))
+    start = time.time()
+    for update in range(1, args.offline_steps + 1):
+        batch = to_torch(rb.sample(args.batch_size, offline_rng, args.n_step, args.gamma), device)
+        td, distill = qdagger_update(q_network, target_network, teacher, optimizer, batch, args, state["lambda"])
+        if update % sync_every == 0:
+            target_network.load_state_dict(q_network.state_dict())
+        if update % args.log_every == 0:
+            writer.add_scalar("qdagger/offline/td_loss", td, update)
+            writer.add_scalar("qdagger/offline/distill_loss", distill, update)
+            writer.add_scalar("qdagger/offline/updates_per_s", update / (time.time() - start), update)
+    target_network.load_state_dict(q_network.state_dict())  # official set_phase: sync before the online phase
+    return teacher, state
+
+
+def qdagger_step(state: dict, train_returns: list, finished: list, global_step: int, args: Args, optimizer):
+    """After an environment step: the progress from the last --progress-episodes training episodes when one ended,
+    the multiplier, lambda and the learning rate (docs/dqn_qdagger.md, detail 4)."""
+    new_progress = bool(finished) and len(train_returns) >= args.progress_episodes
+    past_period = bool(args.distill_decay_period) and global_step > args.distill_decay_period
+    if state["multiplier"] <= 0 or not (new_progress or past_period):
+        return  # nothing changed (a multiplier of 0 is final)
+    if new_progress:
+        state["progress"] = qdagger_progress(float(np.mean(train_returns[-args.progress_episodes:])),
+                                             state["teacher_return"], state["random_return"])
+    progress = state["progress"]
+    state["multiplier"] = qdagger_multiplier(state["multiplier"], progress, global_step, args.distill_decay_period)
+    state["lambda"] = args.distill_coef * state["multiplier"]
+    state["lr"] = qdagger_learning_rate(state["multiplier"], args.qdagger_lr_start, args.qdagger_lr_end)
+    for group in optimizer.param_groups:
+        group["lr"] = state["lr"]
+
+
+def to_torch(batch, device):
+    return [torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in batch]
+
+
+def evaluate(q_network, env_id: str, args: Args, episodes: int, epsilon: float, seed: int, device) -> list[float]:
+    """Play `episodes` full games in parallel, one per EnvPool env (so short games are not over-represented),
+    with an epsilon-greedy policy; returns the full-game, unclipped returns."""
+    envs = make_env(env_id, episodes, env_seeds(seed, 0, 1, episodes), args, train=False)
+    rng = np.random.default_rng(seed + 10_000)
+    stats = EpisodeStats(episodes)
+    returns = np.full(episodes, np.nan)
+    obs, _ = envs.reset()
+    prev_done = np.zeros(episodes, dtype=bool)
+    while np.isnan(returns).any():
+        with torch.inference_mode():
+            actions = q_network(torch.from_numpy(obs).to(device)).argmax(dim=1).cpu().numpy()
+        explore = rng.random(episodes) < epsilon
+        actions[explore] = rng.integers(0, envs.action_space.n, int(explore.sum()))
+        obs, reward, terminated, truncated, info = envs.step(actions)
+        _, finished = stats.update(reward, terminated, truncated, info, ~prev_done)
+        prev_done = terminated | truncated
+        for i, ret, _ in finished:
+            if np.isnan(returns[i]):
+                returns[i] = ret
+    envs.close()
+    return returns.tolist()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "envpool", "gymnasium", "ale-py", "tyro", "tensorboard"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def write_json(path: str, data: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)  # atomic: the harness never reads a half-written file
+
+
+def read_checkpoint(path: str, task: str, device) -> dict:
+    """An --eval-checkpoint file, read with safe loading only (tensors and plain containers: a file can never run code)
+    and checked to be a --save-model checkpoint trained on `task` (docs/conventions.md, section 10)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # empty, corrupt, or holding objects safe loading refuses: never retry it unsafely
+        raise UserError(f"--eval-checkpoint {path}: not a file safe loading can read ({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
+            and {"model", "obs_shape", "n_actions"} <= checkpoint.keys()):
+        raise UserError(f"--eval-checkpoint {path}: not a checkpoint written by --save-model")
+    trained_on = checkpoint["args"].get("env_ids") or [checkpoint["args"].get("env_id")]
+    if task not in trained_on:
+        raise UserError(f"--eval-checkpoint {path}: trained on {' '.join(map(str, trained_on))}, not on {task}")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, checkpoint: dict, path: str):
+    """module.load_state_dict(checkpoint's model) once every parameter name and shape agrees: a checkpoint of another
+    network (another script, other flags) is one line naming what differs, not torch's multi-line error."""
+    state = checkpoint["model"] if isinstance(checkpoint["model"], dict) else {}
+    ours = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    theirs = {key: tuple(getattr(value, "shape", ("?",))) for key, value in state.items()}
+    differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differ:
+        raise UserError(f"--eval-checkpoint {path}: written by {checkpoint.get('script', 'another script')}, whose "
+                        f"network differs from the one these flags build (in {', '.join(differ[:3])}"
+                        f"{', ...' * (len(differ) > 3)})")
+    module.load_state_dict(state)
+
+
+def run(args: Args) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
+    tasks, family = resolve_args(args)
+    label = tasks[0].replace("/", "-") if len(tasks) == 1 else "seq"  # MinAtar/Breakout: a name, not a path
+    run_name = args.run_name or f"{label}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    try:  # a directory that cannot be written is bad input, not a crash (docs/conventions.md, section 10)
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "config.json"), {
+            "args": dataclasses.asdict(args), "tasks": tasks, "family": family, "command": sys.argv,
+            "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    except OSError as err:
+        raise UserError(f"--output-dir {args.output_dir}: cannot write {run_dir} ({err.strerror or err})") from None
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    episodes_file = open(os.path.join(run_dir, "episodes.csv"), "w", newline="")
+    episodes_csv = csv.writer(episodes_file)
+    episodes_csv.writerow(["global_step", "episodic_return", "episodic_length", "task"])
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    if device.type == "cuda":  # CPU kernels used here are deterministic; this call costs ~2 s of imports
+        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
+    rng = np.random.default_rng(args.seed)
+    metrics_rng = np.random.default_rng([args.seed, 1])  # diagnostics draw their own batches: they never change a run
+    start_time = time.time()
+    summary = {"status": "failed", "run_name": run_name, "global_step": 0, "total_timesteps": args.total_timesteps}
+    train_returns, eval_returns = [], []
+    global_step, num_updates = 0, 0
+    try:
+        envs = make_env(tasks[0], args.num_envs, env_seeds(args.seed, 0, 0, args.num_envs), args)
+        obs_shape, n_actions = envs.observation_space.shape, int(envs.action_space.n)
+        network = dict(minatar=family == "minatar")  # QNetwork's settings; an intervention adds its own below
+        q_network = QNetwork(obs_shape, n_actions, **network).to(device)
+        target_network = QNetwork(obs_shape, n_actions, **network).to(device)
+        if args.eval_checkpoint:  # evaluation only
+            checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0], device)
+            if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):
+                raise UserError(f"the checkpoint's network takes observations {tuple(checkpoint['obs_shape'])} and "
+                                f"{checkpoint['n_actions']} actions; {tasks[0]} has {tuple(obs_shape)} and {n_actions}")
+            load_weights(q_network, checkpoint, args.eval_checkpoint)
+            envs.close()
+            returns = evaluate(q_network, tasks[0], args, args.eval_episodes, args.eval_epsilon, args.seed, device)
+            summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
+                           checkpoint=args.eval_checkpoint)
+            return summary
+        target_network.load_state_dict(q_network.state_dict())
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+        rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype, family == "atari")
+        stats = EpisodeStats(args.num_envs)
+        teacher = None  # QDagger: the teacher, its return and the offline phase (docs/dqn_qdagger.md, details 1-3)
+        if args.teacher_checkpoint:
+            teacher, qdagger = qdagger_setup(args, tasks[0], obs_shape, envs.observation_space.dtype, n_actions,
+                                             network, family, q_network, target_network, optimizer, writer, device)
+            summary.update(teacher_return=qdagger["teacher_return"], random_return=qdagger["random_return"])
+
+        obs, _ = envs.reset()
+        first = np.ones(args.num_envs, dtype=bool)  # obs is the first observation after a full reset
+        prev_done = np.zeros(args.num_envs, dtype=bool)  # last step ended an episode: this step is an auto-reset
+        prev_game_over = np.zeros(args.num_envs, dtype=bool)
+        task_index, task_start = 0, 0
+        update_credit, next_target_sync, next_eval = 0.0, args.target_network_frequency, args.eval_every
+        while global_step < args.total_timesteps:
+            if len(tasks) > 1 and global_step >= (task_index + 1) * args.steps_per_task:
+                # Task switch (docs/dqn.md, detail 6): cut the replay streams, drop unfinished episodes, new env.
+                rb.end_episodes(obs, first)
+                envs.close()
+                task_index, task_start = task_index + 1, global_step
+                envs = make_env(tasks[task_index], args.num_envs,
+                                env_seeds(args.seed, task_index, 0, args.num_envs), args)
+                obs, _ = envs.reset()
+                first[:], prev_done[:], prev_game_over[:] = True, False, False
+                stats = EpisodeStats(args.num_envs)
+                writer.add_scalar("charts/task_index", task_index, global_step)
+                print(f"global_step={global_step}, switching to task {task_index}: {tasks[task_index]}")
+
+            # Epsilon: 1 during warm-up, then linear decay to end_e (Dopamine's linearly_decaying_epsilon).
+            progress_step = global_step - (task_start if args.epsilon_per_task else 0) - args.learning_starts
+            epsilon = max(args.end_e, args.start_e - (args.start_e - args.end_e) * progress_step / args.exploration_steps)
+            epsilon = args.start_e if progress_step < 0 else epsilon
+            if teacher is not None:  # QDagger: no warm-up; the offline updates count as steps (detail 5)
+                epsilon = max(args.end_e, args.start_e - (args.start_e - args.end_e)
+                              * (args.offline_steps + global_step) / args.exploration_steps)
+            coins = rng.random((2, args.num_envs))  # one generator call per step: explore? and a random action
+            explore = coins[0] < epsilon
+            actions = (coins[1] * n_actions).astype(np.int64)
+            if not explore.all():  # skip the forward pass when every env explores
+                with torch.inference_mode():
+                    greedy = q_network(torch.from_numpy(obs).to(device)).argmax(dim=1).cpu().numpy()
+                actions = np.where(explore, actions, greedy)
+
+            next_obs, reward, terminated, truncated, info = envs.step(actions)
+            global_step += args.num_envs
+            learn_reward = np.clip(reward, -1.0, 1.0) if args.clip_rewards else reward
+            rb.add(obs, actions, learn_reward, terminated, truncated, first, ~prev_done)
+            game_over, finished = stats.update(reward, terminated, truncated, info, ~prev_done)
+            for _, ep_return, ep_length in finished:
+                train_returns.append(ep_return)
+                episodes_csv.writerow([global_step, ep_return, ep_length, tasks[task_index]])
+                writer.add_scalar("charts/episodic_return", ep_return, global_step)
+                writer.add_scalar("charts/episodic_length", ep_length, global_step)
+            if teacher is not None:  # QDagger: progress, lambda and learning rate (docs/dqn_qdagger.md, detail 4)
+                qdagger_step(qdagger, train_returns, finished, global_step, args, optimizer)
+            # next_obs is a fresh reset iff this step was the auto-reset step after a game over
+            first = prev_done & prev_game_over
+            prev_done, prev_game_over = terminated | truncated, game_over
+            obs = next_obs
+
+            if global_step > args.learning_starts:
+                update_credit += args.replay_ratio * args.num_envs
+                while update_credit >= 1.0 and rb.sampleable(args.n_step) > 0:
+                    update_credit -= 1.0
+                    batch = to_torch(rb.sample(args.batch_size, rng, args.n_step, args.gamma), device)
+                    loss, q_taken = td_loss(q_network, target_network, *batch, args.loss)
+                    if not math.isfinite(loss.item()):
+                        raise Diverged(f"non-finite TD loss ({loss.item()}) at global_step={global_step}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if teacher is not None and qdagger["lambda"] > 0:  # QDagger: + lambda_t * distillation (detail 2)
+                        distill = distillation_loss(q_network(batch[0]), teacher(batch[0]), args.distill_temperature)
+                        if not math.isfinite(distill.item()):
+                            raise Diverged(f"non-finite distillation loss ({distill.item()}) at global_step={global_step}")
+                        (qdagger["lambda"] * distill).backward()  # adds to the TD gradient: the sum's gradient
+                        qdagger["distill_loss"] = distill.item()
+                    optimizer.step()
+                    num_updates += 1
+                    if num_updates % args.log_every == 0:
+                        sps = int(global_step / (time.time() - start_time))
+                        writer.add_scalar("losses/td_loss", loss.item(), global_step)
+                        writer.add_scalar("losses/q_values", q_taken.mean().item(), global_step)
+                        writer.add_scalar("charts/epsilon", epsilon, global_step)
+                        writer.add_scalar("charts/SPS", sps, global_step)
+                        writer.add_scalar("charts/num_updates", num_updates, global_step)
+                        if teacher is not None:  # QDagger's logs (docs/dqn_qdagger.md, detail 8)
+                            for key in ("distill_loss", "lambda", "progress", "multiplier", "lr")[qdagger["lambda"] == 0:]:
+                                writer.add_scalar(f"qdagger/{key}", qdagger[key], global_step)
+                    if args.metrics_every and num_updates % args.metrics_every == 0:
+                        metrics_batch = to_torch(rb.sample(args.metrics_batch_size, metrics_rng, args.n_step, args.gamma), device)
+                        for key, value in plasticity_metrics(q_network, target_network, metrics_batch, args.loss).items():
+                            writer.add_scalar(key, value, global_step)
+            if global_step >= next_target_sync:  # hard copy every target_network_frequency env steps
+                target_network.load_state_dict(q_network.state_dict())
+                next_target_sync += args.target_network_frequency
+            if args.eval_every and global_step >= next_eval and args.eval_episodes:
+                returns = evaluate(q_network, tasks[task_index], args, args.eval_episodes, args.eval_epsilon,
+                                   args.seed + global_step, device)
+                writer.add_scalar("eval/episodic_return", float(np.mean(returns)), global_step)
+                next_eval += args.eval_every
+        envs.close()
+        train_time = time.time() - start_time
+        if args.save_model:
+            model_path = os.path.join(run_dir, "model.pt")
+            torch.save({"script": os.path.basename(__file__),  # named in load_weights' errors
+                        "model": q_network.state_dict(), "obs_shape": list(obs_shape), "n_actions": int(n_actions),
+                        "args": dataclasses.asdict(args)}, model_path)
+            summary["model_path"] = model_path
+        if args.save_replay:  # QDagger: the replay memory as a future teacher's data (docs/dqn_qdagger.md, detail 7)
+            write_replay(rb, os.path.join(run_dir, "replay.npz"))
+            summary["replay_path"] = os.path.join(run_dir, "replay.npz")
+        if args.eval_episodes:
+            eval_returns = evaluate(q_network, tasks[-1], args, args.eval_episodes, args.eval_epsilon, args.seed, device)
+            writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), global_step)
+        summary.update(status="completed", sps=int(global_step / train_time))
+    except Diverged as err:
+        summary.update(status="diverged", error=str(err))
+        raise
+    except UserError as err:
+        summary.update(status="failed", error=str(err))
+        raise
+    except Exception as err:
+        summary.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        summary.update(
+            global_step=global_step, num_updates=num_updates, num_episodes=len(train_returns),
+            final_train_return=float(np.mean(train_returns[-10:])) if train_returns else None,
+            eval_returns=summary.get("eval_returns", eval_returns),
+            eval_return_mean=summary.get("eval_return_mean", float(np.mean(eval_returns)) if eval_returns else None),
+            wall_time_s=time.time() - start_time, peak_memory_mb=peak_memory_mb(),
+            peak_gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
+        summary.setdefault("sps", int(global_step / max(time.time() - start_time, 1e-9)))
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+        episodes_file.close()
+        writer.close()
+    return summary
+
+
+def main():
+    args = tyro.cli(Args)
+    try:
+        summary = run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Diverged as err:
+        print(f"error: run diverged: {err}", file=sys.stderr)
+        sys.exit(3)
+    print(json.dumps({k: summary.get(k) for k in (
+        "status", "global_step", "final_train_return", "eval_return_mean", "sps", "wall_time_s")}))
+
+
+if __name__ == "__main__":
+    main()
