@@ -1047,8 +1047,9 @@ def run(args: Args) -> dict:
                         writer.add_scalar("charts/SPS", sps, global_step)
                         writer.add_scalar("charts/num_updates", num_updates, global_step)
                         if teacher is not None:  # QDagger's logs (docs/dqn_qdagger.md, detail 8)
-                            for key in ("distill_loss", "lambda", "progress", "multiplier", "lr")[qdagger["lambda"] == 0:]:
-                                writer.add_scalar(f"qdagger/{key}", qdagger[key], global_step)
+                            for key in ("distill_loss", "lambda", "progress", "multiplier", "lr"):
+                                if key != "distill_loss" or qdagger["lambda"] > 0:  # no loss is computed at lambda 0
+                                    writer.add_scalar(f"qdagger/{key}", qdagger[key], global_step)
                     if args.metrics_every and num_updates % args.metrics_every == 0:
                         metrics_batch = to_torch(rb.sample(args.metrics_batch_size, metrics_rng, args.n_step, args.gamma), device)
                         for key, value in plasticity_metrics(q_network, target_network, metrics_batch, args.loss).items():
