@@ -13,6 +13,11 @@ pooled: raw returns of games with different scales make one IQM meaningless. Its
 improvement are computed per task ((runs, 1) arrays), and the pooled figures (aggregates, performance profile,
 sample-efficiency curves) give way to per_task_curves (training return per task, mean and min-max over runs).
 
+`--reach RETURN` (or `--reach TASK=RETURN ...`) adds how soon each run reaches a return: the first step at which the
+mean of its last `--reach-window` training episodes is at least RETURN (utils/runs.py, steps_to_reach), with the
+median over runs and a bootstrap interval per arm and task; runs that never reach it count as never (infinite).
+For claims such as "the student reaches the teacher's return in a fraction of the teacher's steps".
+
 `--published AGENT ...` adds the published per-run Atari 100k scores of DER, DrQ, DrQ_eps, SPR or BBF
 (benchmark/reference/, with provenance) as arms `published:<AGENT>`, only when the protocol matches: every task is
 an Atari 100k game, and every used run's config.json says 100k agent steps and no sticky actions. Otherwise the
@@ -32,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import aggregate, scores  # noqa: E402
-from utils.runs import collect, episode_curve, read_flags, read_json, read_scalars  # noqa: E402
+from utils.runs import collect, episode_curve, read_flags, read_json, read_scalars, steps_to_reach  # noqa: E402
 
 # The DQN and PPO families log one network's diagnostics; the SAC family logs them per network (docs/sac.md):
 # a figure shows the keys its runs have.
@@ -330,7 +335,53 @@ def per_task_aggregates(matrices, tasks, used, metrics, reps, seed, h) -> list[s
     return lines
 
 
-def section(rows, out, compare, reps, seed, points, make_figures, published, prefix="", depth=2):
+def parse_reach(values: list[str]) -> dict[str, float]:
+    """--reach arguments: one bare RETURN for every task ({"*": RETURN}) or TASK=RETURN pairs (a MinAtar id's "/" as
+    the run names write it, "-"). Bad input is a one-line SystemExit."""
+    out = {}
+    for value in values:
+        task, _, number = value.rpartition("=")
+        try:
+            out[task.replace("/", "-") or "*"] = float(number)
+        except ValueError:
+            raise SystemExit(f"error: --reach {value}: expected RETURN or TASK=RETURN with a number") from None
+    if "*" in out and len(out) > 1:
+        raise SystemExit("error: --reach takes one bare RETURN for every task or TASK=RETURN pairs, not both")
+    return out
+
+
+def reach_lines(used: dict, tasks: list[str], reach: dict[str, float], window: int, reps: int, seed: int,
+                h: str) -> list[str]:
+    """The "steps to reach" table: per task with a threshold and per arm, the runs that reach it, and the median
+    over runs of steps_to_reach with a 95% percentile-bootstrap interval (runs resampled; the bounds are order
+    statistics, so never-reached runs (inf) need no interpolation)."""
+    rng = np.random.default_rng(seed)
+    lines = [f"{h} Steps to reach a return", "",
+             f"First step at which the mean of a run's last {window} training episodes reaches the return; a run "
+             "that never does counts as never (the median is then 'never' when half the runs or more never reach "
+             "it). Median over runs, 95% percentile bootstrap over runs.", "",
+             "| task | return | arm | reached | median steps [95% CI] | per run |", "|---|---|---|---|---|---|"]
+
+    def show(v):
+        return "never" if not np.isfinite(v) else f"{v:,.0f}"
+
+    for t in tasks:
+        threshold = reach.get(t, reach.get("*"))
+        if threshold is None:
+            continue
+        for arm, rows in used.items():
+            steps = np.array([steps_to_reach(r["dir"], threshold, window) for r in rows if r["env_id"] == t])
+            if not len(steps):
+                continue
+            boot = np.median(rng.choice(steps, (reps, len(steps))), axis=1)
+            lo, hi = np.quantile(boot, 0.025, method="lower"), np.quantile(boot, 0.975, method="higher")
+            lines.append(f"| {t} | {threshold:g} | {arm} | {int(np.isfinite(steps).sum())}/{len(steps)} | "
+                         f"{show(np.median(steps))} [{show(lo)}, {show(hi)}] | {', '.join(map(show, steps))} |")
+    return lines
+
+
+def section(rows, out, compare, reps, seed, points, make_figures, published, prefix="", depth=2, reach=None,
+            reach_window=10):
     """The report body for one task group: (markdown lines, excluded (row, reason) pairs, runs used)."""
     h = "#" * depth
     group = {r["arm"] for r in rows}
@@ -393,6 +444,8 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
         poi = aggregate.probability_of_improvement(pairs, reps=reps, seed=seed)
         lines += ["", f"{h} Probability of improvement", "", "| X, Y | P(X > Y) [95% CI] |", "|---|---|"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
+    if reach:
+        lines += [""] + reach_lines(used, tasks, reach, reach_window, reps, seed, h)
     if make_figures:
         curves, steps = (None, None) if per_task else curve_matrices(used, tasks, normalise, points)
         written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix,
@@ -402,7 +455,8 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
 
 
 def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
-           points: int = 10, make_figures: bool = True, published: list[str] = ()) -> str:
+           points: int = 10, make_figures: bool = True, published: list[str] = (), reach: dict | None = None,
+           reach_window: int = 10) -> str:
     """Write report.md (and figures) for a suite directory. Arms run on different task sets are reported in
     separate sections, one per task group (task_groups), each with its own aggregates, figures (file names
     prefixed g1_, g2_, ...) and comparisons; a comparison between arms of different groups is skipped with a note."""
@@ -425,7 +479,8 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
         if len(groups) > 1:
             body += [f"## Group {k + 1}: {', '.join(arms)}", ""]
         lines, ex, n = section(group_rows, out, compare, reps, seed, points, make_figures, published,
-                               prefix=f"g{k + 1}_" if len(groups) > 1 else "", depth=3 if len(groups) > 1 else 2)
+                               prefix=f"g{k + 1}_" if len(groups) > 1 else "", depth=3 if len(groups) > 1 else 2,
+                               reach=reach, reach_window=reach_window)
         body += lines + [""]
         excluded += ex
         n_used += n
@@ -468,10 +523,16 @@ def main():
     parser.add_argument("--points", type=int, default=10, help="points of the sample-efficiency curves")
     parser.add_argument("--published", nargs="*", default=[], choices=PUBLISHED_AGENTS,
                         help="published Atari 100k runs to add as arms published:<AGENT> (when the protocol matches)")
+    parser.add_argument("--reach", nargs="*", default=[],
+                        help="RETURN (every task) or TASK=RETURN ...: report the steps each run takes to reach it")
+    parser.add_argument("--reach-window", type=int, default=10,
+                        help="training episodes averaged by --reach (the first this many - 1 never count alone)")
     args = parser.parse_args()
     check_suite_dir(args.suite_dir)
+    if args.reach_window < 1:
+        raise SystemExit("error: --reach-window must be >= 1")
     print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points,
-                 published=args.published))
+                 published=args.published, reach=parse_reach(args.reach), reach_window=args.reach_window))
 
 
 if __name__ == "__main__":

@@ -245,3 +245,50 @@ def test_raw_returns_of_several_tasks_are_reported_per_task(tmp_path):
     steps, c = curves["MinAtar-Asterix"]["base"]
     assert steps.tolist() == [200, 400, 600, 800, 1000] and c.shape == (4, 5)
     assert np.allclose(c[:, -1], 0.9 * np.array(truth[("base", "MinAtar-Asterix")]))
+
+
+def write_episodes(run_dir, returns, steps=None):
+    with open(os.path.join(run_dir, "episodes.csv"), "w") as f:
+        f.write("global_step,episodic_return,episodic_length,task\n")
+        for i, value in enumerate(returns):
+            f.write(f"{(steps or range(10, 10 * len(returns) + 1, 10))[i]},{value},1,T\n")
+
+
+def test_steps_to_reach_by_hand(tmp_path):
+    from utils.runs import steps_to_reach
+
+    run = str(tmp_path)
+    write_episodes(run, [0, 0, 5, 5, 5, 5, 9])
+    assert steps_to_reach(run, 5, window=3) == 50  # episodes 3-5 (steps 30, 40, 50): the first full window at 5
+    assert steps_to_reach(run, 5, window=1) == 30
+    assert steps_to_reach(run, 19 / 3, window=3) == 70  # (5 + 5 + 9) / 3
+    assert steps_to_reach(run, 6.5, window=3) == float("inf")  # never: censored
+    write_episodes(run, [9, 0, 0, 0])
+    assert steps_to_reach(run, 5, window=3) == float("inf")  # one lucky first episode is not a window of 3
+    assert steps_to_reach(run, 5, window=1) == 10
+
+
+def test_reach_table_medians_and_never(suite, tmp_path):
+    suite_dir, truth = suite
+    path = report.report(suite_dir, str(tmp_path / "r"), reps=200, make_figures=False, reach={"CartPole-v1": 150.0},
+                         reach_window=10)
+    text = open(path).read()
+    assert "## Steps to reach a return" in text
+    rows = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| CartPole-v1 | 150 |")}
+    assert set(rows) == {"base", "method"}
+    # write_run's episodes ramp linearly to the run's score at steps 100, 200, ..., 1000: the only full window of 10
+    # is at step 1000, with mean score * 0.55 (method ~300: reached; base ~150: never)
+    expected = [1000.0 if truth[("method", "CartPole-v1", seed)] * 0.55 >= 150 else float("inf") for seed in range(1, 6)]
+    reached = int(np.isfinite(expected).sum())
+    assert reached >= 3 and f"| {reached}/5 | 1,000 [" in rows["method"]
+    assert "| 0/5 |" in rows["base"] or "| 0/6 |" in rows["base"]
+    assert "never [never, never]" in rows["base"]
+    assert "Acrobot" not in "".join(rows.values())  # no threshold for it: no row
+
+
+@pytest.mark.parametrize("values, fragment", [(["x=abc"], "TASK=RETURN"), (["3", "CartPole-v1=4"], "not both")])
+def test_bad_reach_arguments(values, fragment):
+    with pytest.raises(SystemExit, match=fragment):
+        report.parse_reach(values)
+    assert report.parse_reach(["MinAtar/Breakout=12.5"]) == {"MinAtar-Breakout": 12.5}
+    assert report.parse_reach(["7"]) == {"*": 7.0}

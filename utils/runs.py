@@ -99,3 +99,16 @@ def episode_curve(run_dir: str, total_steps: int, points: int) -> list[float] | 
         values.append(last)
     first = next(v for v in values if v is not None)
     return [first if v is None else v for v in values]
+
+
+def steps_to_reach(run_dir: str, threshold: float, window: int = 10) -> float:
+    """The first global step at which the mean return of the last `window` training episodes (episodes.csv, in
+    order) is at least `threshold`: a sample-efficiency measure (how soon a run reaches a given return). The first
+    `window - 1` episodes alone never count, so one lucky early episode does not either. `inf` if the run never
+    reaches it (a censored run)."""
+    _, rows = read_csv(os.path.join(run_dir, "episodes.csv"))
+    returns = [float(r["episodic_return"]) for r in rows]
+    for i in range(window - 1, len(rows)):
+        if sum(returns[i + 1 - window: i + 1]) / window >= threshold:
+            return float(rows[i]["global_step"])
+    return float("inf")
