@@ -583,12 +583,13 @@ def mico_features(network, x: torch.Tensor) -> torch.Tensor:
     return network.net[: mico_depth(network)](x).flatten(1)
 
 
-def mico_loss(online_rep, target_network, obs, returns, next_obs, cumulative_gamma: float, beta: float):
+def mico_loss(online_rep, target_rep, target_next_rep, returns, cumulative_gamma: float, beta: float):
     """L_MICo (docs/dqn_mico.md, detail 4): Huber between the online distances U(phi(x_i), phi_target(x_j)) and the
-    constant targets |r_i - r_j| + gamma^n U(phi_target(x'_i), phi_target(x'_j)) over all B^2 pairs. Returns the
-    loss and the online distance matrix."""
+    constant targets |r_i - r_j| + gamma^n U(phi_target(x'_i), phi_target(x'_j)) over all B^2 pairs, from the
+    online features of x (with gradient) and the target network's of x and x'. Returns the loss and the online
+    distance matrix. The target network's features are constants (detached) on both sides."""
+    target_rep, target_next_rep = target_rep.detach(), target_next_rep.detach()
     with torch.no_grad():
-        target_rep, target_next_rep = mico_features(target_network, torch.cat([obs, next_obs])).chunk(2)
         target = ((returns[:, None] - returns[None, :]).abs()
                   + cumulative_gamma * representation_distances(target_next_rep, target_next_rep, beta))
     online = representation_distances(online_rep, target_rep, beta)
@@ -597,18 +598,27 @@ def mico_loss(online_rep, target_network, obs, returns, next_obs, cumulative_gam
 
 def mico_td_loss(q_network, target_network, batch, args):
     """The loss of one update (docs/dqn_mico.md, detail 5): (1 - alpha) L_TD + alpha L_MICo on the same minibatch,
-    L_TD the base script's `td_loss`, both from one forward pass of the online network. Returns the loss, the taken
-    actions' Q-values and the `mico/` logs; alpha = 0 is the base script's `td_loss` alone."""
+    L_TD the base script's `td_loss`. phi of the online network on x and of the target network on x' are caught from
+    `td_loss`'s own forward passes (hooks on the encoder's last module), so only the target's phi of x costs an
+    extra (encoder-only) pass. Returns the loss, the taken actions' Q-values and the `mico/` logs; alpha = 0 is the
+    base script's `td_loss` alone."""
     if args.mico_weight == 0:
         return (*td_loss(q_network, target_network, *batch, args.loss), {})
-    phi = []  # the online phi, caught from td_loss's own forward pass at the encoder's last module
-    hook = q_network.net[mico_depth(q_network) - 1].register_forward_hook(lambda module, x, out: phi.append(out))
+    depth = mico_depth(q_network)
+    phi, target_phi = [], []
+    hooks = [q_network.net[depth - 1].register_forward_hook(lambda module, x, out: phi.append(out)),
+             target_network.net[depth - 1].register_forward_hook(lambda module, x, out: target_phi.append(out))]
     try:
         td, q_taken = td_loss(q_network, target_network, *batch, args.loss)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     obs, _, returns, _, next_obs = batch
-    mico, distances = mico_loss(phi[0].flatten(1), target_network, obs, returns, next_obs, args.gamma**args.n_step,
+    with torch.no_grad():
+        target_rep = mico_features(target_network, obs)
+        # td_loss runs the target network once, on x'; a td_loss that runs it otherwise gets its own pass
+        target_next_rep = target_phi[0].flatten(1) if len(target_phi) == 1 else mico_features(target_network, next_obs)
+    mico, distances = mico_loss(phi[0].flatten(1), target_rep, target_next_rep, returns, args.gamma**args.n_step,
                                 args.mico_beta)
     loss = (1.0 - args.mico_weight) * td + args.mico_weight * mico
     logs = {"mico/loss": mico, "mico/td_loss": td, "mico/distance": distances.mean()}

@@ -98,7 +98,8 @@ def test_mico_loss_against_a_hand_computation(mico):
     online_rep = torch.randn(4, 84).abs() * torch.tensor([[0.02], [0.05], [0.1], [0.3]])  # distances below and above 1
     online_rep.requires_grad_(True)
     gamma_n, beta = 0.99**3, 0.1
-    loss, online = mico.mico_loss(online_rep, net, obs, returns, next_obs, gamma_n, beta)
+    loss, online = mico.mico_loss(online_rep, mico.mico_features(net, obs), mico.mico_features(net, next_obs),
+                                  returns, gamma_n, beta)
 
     def phi(x):  # the MLP's last hidden layer, written out
         h = torch.relu(x @ net.net.fc1.weight.T + net.net.fc1.bias)
@@ -113,7 +114,7 @@ def test_mico_loss_against_a_hand_computation(mico):
     huber = np.where(diff <= 1.0, 0.5 * diff**2, diff - 0.5)  # Dopamine's Huber loss, delta 1
     assert (diff > 1).any() and (diff <= 1).any()  # both branches of the Huber loss are exercised
     assert loss.item() == pytest.approx(huber.mean(), rel=1e-5)
-    # the target is held constant: no gradient reaches the (target) network through it
+    # the target network's side is held constant: no gradient reaches it, though its features were built with grad
     loss.backward()
     assert online_rep.grad is not None and all(p.grad is None for p in net.parameters())
 
@@ -127,8 +128,8 @@ def test_total_loss_mixes_td_and_mico(mico):
              torch.full((8,), 0.98), torch.randint(0, 2, (8, 4, 10, 10), dtype=torch.uint8)]
     loss, q_taken, logs = mico.mico_td_loss(q, target, batch, args)
     td, q_expected = mico.td_loss(q, target, *batch, args.loss)
-    l_mico, distances = mico.mico_loss(mico.mico_features(q, batch[0]), target, batch[0], batch[2], batch[4],
-                                       0.99**2, 0.2)
+    l_mico, distances = mico.mico_loss(mico.mico_features(q, batch[0]), mico.mico_features(target, batch[0]),
+                                       mico.mico_features(target, batch[4]), batch[2], 0.99**2, 0.2)
     assert loss.item() == pytest.approx(0.7 * td.item() + 0.3 * l_mico.item(), rel=1e-6)
     torch.testing.assert_close(q_taken, q_expected)
     assert logs["mico/loss"].item() == pytest.approx(l_mico.item(), rel=1e-6)
