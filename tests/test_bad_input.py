@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import sys
 import typing
 
 import pytest
 import torch
 
-from helpers import algo_scripts, load_script, read_json
+from helpers import algo_scripts, call_main, load_script, read_json
 from script_budgets import TINY_ARGS
 
 SCRIPTS = algo_scripts()
@@ -58,22 +57,6 @@ def tiny_args(name: str) -> list[str]:
 def env_id_of(name: str) -> str:
     args = TINY_ARGS[name]
     return args[args.index("--env-id") + 1]
-
-
-def call_main(module, argv: list[str], capsys) -> tuple[int, list[str]]:
-    """Run `module.main()` with `argv` as the command line; returns (exit status, non-empty stderr lines)."""
-    capsys.readouterr()
-    saved = sys.argv
-    sys.argv = [module.__file__, *map(str, argv)]
-    try:
-        module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = saved
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
 
 
 def assert_rejected(case: str, code: int, lines: list[str], fragments: tuple[str, ...], out_dir: str):

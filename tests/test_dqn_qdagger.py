@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import helpers
-from helpers import describe, load_script, read_json, read_scalars, run_script, script_path
+from helpers import call_main, describe, load_script, read_json, read_scalars, run_script, script_path
 
 QDAGGER = script_path("dqn_qdagger")
 TEACHER_FLAGS = ["--env-id", "CartPole-v1", "--total-timesteps", "600", "--learning-starts", "200", "--buffer-size",
@@ -160,21 +159,6 @@ def test_no_teacher_is_dqn_exactly(qd, tmp_path):
     ours = helpers.run_dqn_smoke(qd, tmp_path, "qdagger", "CartPole-v1", seed=3, metrics_every=0, save_replay=True)
     helpers.assert_same_run(base, ours, "dqn_qdagger.py without a teacher")
     assert os.path.isfile(os.path.join(ours, "replay.npz"))
-
-
-def call_main(module, argv: list[str], capsys) -> tuple[int, list[str]]:
-    """`module.main()` with `argv` as the command line, in this process (a subprocess costs ~6 s of imports);
-    returns (exit status, non-empty stderr lines without warnings)."""
-    capsys.readouterr()
-    saved, sys.argv = sys.argv, [module.__file__, *map(str, argv)]
-    try:
-        module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = saved
-    return code, helpers.stderr_lines(capsys.readouterr().err)
 
 
 def test_bad_teacher_input_is_one_line_errors(qd, teacher, tmp_path, capsys):
