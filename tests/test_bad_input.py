@@ -39,6 +39,7 @@ FOREIGN_TASKS = {
     "bbf": [("Pendulum-v1", "Atari"), ("CartPole-v1", "Atari")],
     "sac": [("CartPole-v1", "continuous")],
     "ppo": [],  # discrete and continuous actions, vector and pixel observations: nothing to refuse by family
+    "stream": [],
 }
 
 
