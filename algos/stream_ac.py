@@ -569,7 +569,12 @@ def sample_action(out):
         if len(out) == 2:
             mu, std = out
             return mu + std * torch.randn_like(mu)
-        return torch.multinomial(F.softmax(out[0], dim=1), 1).squeeze(1)
+        try:
+            return torch.multinomial(F.softmax(out[0], dim=1), 1).squeeze(1)
+        except RuntimeError as err:  # it checks its probabilities: non-finite logits are a divergence, not a bug
+            if torch.isfinite(out[0]).all():
+                raise
+            raise Diverged("non-finite policy logits") from err
 
 
 def deterministic_action(out):
@@ -579,6 +584,14 @@ def deterministic_action(out):
 
 def sign(x: float) -> float:
     return float((x > 0) - (x < 0))  # torch.sign: 0 at 0
+
+
+def episode_flags(terminated: bool, truncated: bool, truncation_bootstraps: bool) -> tuple[bool, bool]:
+    """(bootstrap from v(s'), reset the traces) for one step (detail 10): a termination never bootstraps; a time-limit
+    truncation does unless --no-truncation-bootstraps (the official done = terminated or truncated); both end the
+    episode, so both reset the traces."""
+    done = terminated or truncated
+    return not (terminated or (truncated and not truncation_bootstraps)), done
 
 
 def stream_ac_update(actor_params, critic, opt_policy, opt_value, log_prob, entropy, obs, next_obs, reward: float,
@@ -592,8 +605,8 @@ def stream_ac_update(actor_params, critic, opt_policy, opt_value, log_prob, entr
     values = critic(torch.cat([obs, next_obs]))  # s and s' as one batch: LayerNorm is per sample, so exact
     v_s, v_next, h = torch.cat([values.detach(), entropy.detach()]).tolist()  # one sync for the three numbers
     delta = reward + (gamma * v_next if bootstrap else 0.0) - v_s
-    if not math.isfinite(delta):
-        raise Diverged(f"non-finite TD error ({delta})")
+    if not (math.isfinite(delta) and math.isfinite(h)):
+        raise Diverged(f"non-finite TD error ({delta}) or policy entropy ({h})")
     actor_out = log_prob.sum() + entropy_coef * sign(delta) * entropy.sum()
     critic_params = opt_value.params
     grads = torch.autograd.grad([actor_out, values[0]], list(actor_params) + critic_params)  # disjoint parameters
@@ -921,11 +934,9 @@ def run(args: Args) -> dict:
             next_obs, reward, terminated, truncated, info = envs.step(env_action)
             global_step += 1
             steps += 1
-            done = bool(terminated[0] or truncated[0])
+            bootstrap, done = episode_flags(bool(terminated[0]), bool(truncated[0]), args.truncation_bootstraps)
             x_next = network_input(normalizer, flatten_obs(next_obs, keys), steps, limit, args.time_feature)
             scaled_reward = scaler(float(reward[0]), done)  # detail 4
-            # detail 10: a termination never bootstraps; a truncation does unless --no-truncation-bootstraps
-            bootstrap = not (terminated[0] or (truncated[0] and not args.truncation_bootstraps))
             delta, value, ent, step_policy, step_value = stream_ac_update(
                 actor_params, agent.critic, opt_policy, opt_value, log_prob, entropy, obs_t,
                 torch.from_numpy(x_next).to(device), scaled_reward, bootstrap, done, args.gamma, args.entropy_coef)
