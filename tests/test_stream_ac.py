@@ -407,3 +407,22 @@ def test_divergence_exits_3(ac, tmp_path, capsys):
                                   "--output-dir", str(tmp_path), "--run-name", "r", "--torch-threads", "1"], capsys)
     assert code == 3 and len(lines) == 1 and "non-finite" in lines[0], lines
     assert read_json(os.path.join(tmp_path, "r", "summary.json"))["status"] == "diverged"
+
+
+def test_task_sequence(ac, tmp_path, monkeypatch):
+    """--env-ids A B: both tasks are played, and both optimizers' traces are reset at the switch."""
+    resets, real = [], ac.ObGD.reset
+
+    def reset(self):
+        resets.append(True)
+        real(self)
+
+    monkeypatch.setattr(ac.ObGD, "reset", reset)
+    args = ac.Args(env_ids=("WalkerStand-v1", "WalkerWalk-v1"), steps_per_task=120, max_episode_steps=50,
+                   eval_episodes=0, metrics_every=0, device="cpu", torch_threads=1, output_dir=str(tmp_path),
+                   run_name="seq")
+    ac.run(args)
+    tasks = [line.split(",")[3] for line in open(tmp_path / "seq" / "episodes.csv").read().split()[1:]]
+    assert tasks == ["WalkerStand-v1"] * 2 + ["WalkerWalk-v1"] * 2
+    # two optimizers: one reset each at the 4 episode ends (through step) and at the switch
+    assert len(resets) == 2 * 4 + 2
