@@ -406,7 +406,7 @@ class SampleMeanStd:
                 "var": torch.from_numpy(np.array(self.var)), "count": self.count}
 
     def load_state_dict(self, state: dict):
-        self.mean, self.p, self.var = (state[k].double().numpy().copy() for k in ("mean", "p", "var"))
+        self.mean, self.p, self.var = (state[k].cpu().double().numpy().copy() for k in ("mean", "p", "var"))
         self.count = int(state["count"])
 
 
