@@ -119,6 +119,10 @@ class Args:
     max_episode_steps: Optional[int] = None
     """episode cap in agent steps, a truncation [default: EnvPool's, 27000 = 108k frames for Atari, 1000 for
     MuJoCo/DMC; MinAtar none (the MinAtar paper; Freeway ends itself after 2500 steps)]"""
+    obs_perturbation: float = 0.0
+    """task sequences with vector observations: task k >= 1 adds to every observation a fixed offset drawn once per
+    run from N(0, obs_perturbation^2) per component (task 0 is unperturbed): the perturbed levels of continual Gym
+    control (TRAC, Muppidi et al. 2024; 2.0 in C-CHAIN's official code); 0 disables (docs/ppo.md, detail 17)"""
 
     # --- algorithm (None means the family default, resolved from the observation and action spaces) ---
     num_steps: Optional[int] = None
@@ -324,6 +328,10 @@ def resolve_args(args: Args):
         raise UserError(f"--num-minibatches ({args.num_minibatches}) exceeds the rollout size {batch_size}")
     if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1 and args.clip_coef > 0):
         raise UserError("need 0 <= gamma <= 1, 0 <= gae-lambda <= 1 and clip-coef > 0")
+    if args.obs_perturbation < 0 or (args.obs_perturbation and (len(tasks) < 2 or family not in ("classic", "continuous")
+                                                                or len(obs_shape) != 1 or space_kind(spec.observation_space) == "Dict")):
+        raise UserError("--obs-perturbation must be >= 0 and perturbs tasks 2.. of a sequence (--env-ids) with vector "
+                        "(Box) observations")
     if family == "atari" and args.norm_obs:
         raise UserError("--norm-obs applies to vector observations; Atari frames are scaled by 1/255 instead")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -333,9 +341,9 @@ def resolve_args(args: Args):
     return tasks, family
 
 
-def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bool = True):
+def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bool = True, task_index: int = 0):
     """An EnvPool Gymnasium vector env. Atari follows CleanRL's protocol (docs/ppo.md, detail 3). MinAtar ids get
-    MinAtarVecEnv, which behaves like EnvPool (detail 16)."""
+    MinAtarVecEnv, which behaves like EnvPool (detail 16). Task `task_index` of a sequence may be perturbed (detail 17)."""
     if env_id in MINATAR_GAMES:
         return MinAtarVecEnv(MINATAR_GAMES[env_id], num_envs, seeds, args.sticky_action_prob, args.full_action_space,
                              len(args.env_ids) > 1, args.max_episode_steps)
@@ -354,7 +362,35 @@ def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bo
     kwargs.update({k: v for k, v in atari.items() if k in config_keys})
     if args.max_episode_steps is not None:
         kwargs["max_episode_steps"] = args.max_episode_steps
+    if args.obs_perturbation and task_index:
+        return ObsOffset(envpool.make(env_id, **kwargs), obs_offset(args.seed, task_index, args.obs_perturbation,
+                                                                    envpool.make_spec(env_id).observation_space.shape))
     return envpool.make(env_id, **kwargs)
+
+
+def obs_offset(seed: int, task_index: int, std: float, shape: tuple) -> np.ndarray:
+    """The fixed observation offset of task `task_index` >= 1 of a sequence: N(0, std^2) per component, a function of
+    the run's seed and the task's position only (detail 17)."""
+    return np.random.default_rng([seed, task_index, 17]).normal(0.0, std, shape).astype(np.float32)
+
+
+class ObsOffset:
+    """A vector env whose observations are shifted by a fixed offset (the perturbed levels of detail 17)."""
+
+    def __init__(self, env, offset: np.ndarray):
+        self.env, self.offset = env, offset
+        self.observation_space, self.action_space = env.observation_space, env.action_space
+
+    def reset(self):
+        obs, info = self.env.reset()
+        return obs + self.offset, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs + self.offset, reward, terminated, truncated, info
+
+    def close(self):
+        self.env.close()
 
 
 def env_seeds(seed: int, task_index: int, purpose: int, num_envs: int) -> list[int]:
@@ -712,11 +748,11 @@ def env_actions(actions: torch.Tensor, action_space) -> np.ndarray:
     return out
 
 
-def evaluate(agent, env_id: str, args: Args, episodes: int, seed: int, device) -> list[float]:
+def evaluate(agent, env_id: str, args: Args, episodes: int, seed: int, device, task_index: int = 0) -> list[float]:
     """Play `episodes` full games in parallel, one per EnvPool env (so short games are not over-represented),
     sampling from the policy as CleanRL's ppo_eval does; returns the full-game, unclipped returns. Observation
     statistics are frozen."""
-    envs = make_env(env_id, episodes, env_seeds(seed, 0, 1, episodes), args, train=False)
+    envs = make_env(env_id, episodes, env_seeds(seed, 0, 1, episodes), args, train=False, task_index=task_index)
     generator = torch.Generator(device=device).manual_seed(seed + 10_000)
     stats = EpisodeStats(episodes)
     returns = np.full(episodes, np.nan)
@@ -889,7 +925,8 @@ def run(args: Args) -> dict:
                 # network, optimizer state, LR schedule and normalisation statistics carried on.
                 envs.close()
                 task_index += 1
-                envs = make_env(tasks[task_index], num_envs, env_seeds(args.seed, task_index, 0, num_envs), args)
+                envs = make_env(tasks[task_index], num_envs, env_seeds(args.seed, task_index, 0, num_envs), args,
+                                task_index=task_index)
                 raw_obs, _ = envs.reset()
                 next_obs = prepare_obs(raw_obs, obs_space, agent, device, args, update=True)
                 prev_done[:] = False
@@ -975,7 +1012,7 @@ def run(args: Args) -> dict:
             writer.add_scalar("charts/num_updates", num_updates, global_step)
             if args.eval_every and global_step >= next_eval and args.eval_episodes:
                 returns_now = evaluate(agent, tasks[task_index], args, args.eval_episodes, args.seed + global_step,
-                                       device)
+                                       device, task_index)
                 writer.add_scalar("eval/episodic_return", float(np.mean(returns_now)), global_step)
                 next_eval += args.eval_every
         envs.close()
@@ -987,7 +1024,7 @@ def run(args: Args) -> dict:
                         "continuous": bool(continuous), "args": dataclasses.asdict(args)}, model_path)
             summary["model_path"] = model_path
         if args.eval_episodes:
-            eval_returns = evaluate(agent, tasks[-1], args, args.eval_episodes, args.seed, device)
+            eval_returns = evaluate(agent, tasks[-1], args, args.eval_episodes, args.seed, device, len(tasks) - 1)
             writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), global_step)
         summary.update(status="completed", sps=int(global_step / train_time))
     except Diverged as err:
