@@ -25,7 +25,7 @@ Differences from the base script (`diff algos/ppo.py algos/ppo_cchain.py` shows 
     lambda's adaptation after each iteration and its restart at a task switch, and the `churn/` and `cchain/`
     logs (churn is logged with --no-cchain too, so the base arm of a suite shows it).
 
-Docs: docs/ppo_cchain.md. Base script: algos/ppo.py (docs/ppo.md). Conventions: docs/conventions.md.
+Base script: algos/ppo.py (docs/ppo.md). Docs: docs/ppo_cchain.md. Conventions: docs/conventions.md.
 """
 
 from __future__ import annotations
@@ -1058,6 +1058,7 @@ def run(args: Args) -> dict:
                 next_value = agent.get_value(next_obs).cpu().numpy()
             advantages, returns = compute_gae(rewards_buf, values_buf, next_value, terminated_buf, done_buf,
                                               valid_buf, args.gamma, args.gae_lambda)
+            iteration_policy_losses, iteration_churn_losses = [], []  # C-CHAIN: this iteration's values (detail 4)
             b_obs = obs_buf.reshape(-1, *obs_shape)
             b_actions = actions_buf.reshape(num_steps * num_envs, -1) if continuous else actions_buf.reshape(-1)
             b_logprobs = logprobs_buf.reshape(-1)
@@ -1066,17 +1067,18 @@ def run(args: Args) -> dict:
             b_values = torch.from_numpy(values_buf.reshape(-1)).to(device)
 
             clipfracs = []
-            iteration_policy_losses, iteration_churn_losses = [], []  # C-CHAIN: this iteration's values (detail 4)
             for epoch in range(args.update_epochs):  # minibatch epochs (detail 10)
                 # C-CHAIN: the regularisation minibatches, an independent permutation of the same steps (detail 3)
-                reg_batches = minibatches(valid_buf, args.num_minibatches, cchain_rng) if args.cchain else None
-                for mb_index, mb in enumerate(minibatches(valid_buf, args.num_minibatches, rng)):
+                reg_batches = iter(minibatches(valid_buf, args.num_minibatches, cchain_rng)) if args.cchain else None
+                for mb in minibatches(valid_buf, args.num_minibatches, rng):
                     mb_t = torch.from_numpy(mb).to(device)
                     batch = (b_obs[mb_t], b_actions[mb_t], b_logprobs[mb_t], b_advantages[mb_t], b_returns[mb_t],
                              b_values[mb_t])
                     loss, loss_stats = ppo_loss(agent, *batch, args)[:2]
+                    if not math.isfinite(loss.item()):
+                        raise Diverged(f"non-finite PPO loss ({loss.item()}) at global_step={global_step}")
                     if args.cchain:  # C-CHAIN: + lambda * policy churn against the one-step-old agent (details 1, 3)
-                        reg_obs = b_obs[torch.from_numpy(reg_batches[mb_index]).to(device)]
+                        reg_obs = b_obs[torch.from_numpy(next(reg_batches)).to(device)]
                         reg_loss = torch.zeros((), device=device)
                         if num_updates >= 2:  # the code's history must hold 3 copies: off for the first 2 steps
                             with torch.no_grad():
@@ -1086,8 +1088,6 @@ def run(args: Args) -> dict:
                         iteration_churn_losses.append(reg_loss.item())
                         entropy_term = args.ent_coef * loss_stats["entropy"] if args.cchain_setting == "gym" else 0.0
                         iteration_policy_losses.append((loss_stats["policy_loss"] - entropy_term).item())
-                    if not math.isfinite(loss.item()):
-                        raise Diverged(f"non-finite PPO loss ({loss.item()}) at global_step={global_step}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # global clipping (detail 10)

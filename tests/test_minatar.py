@@ -21,7 +21,8 @@ from helpers import (
 
 GAMES = ["MinAtar/Asterix", "MinAtar/Breakout", "MinAtar/Freeway", "MinAtar/Seaquest", "MinAtar/SpaceInvaders"]
 FAMILY = ["dqn", "dqn_redo", "dqn_hlgauss", "dqn_gap", "dqn_reset", "dqn_softmoe", "dqn_pruning", "dqn_rigl", "dqn_mico",
-          "dqn_qdagger", "ppo", "ppo_gtr", "ppo_simplicial", "stream_q"]
+          "dqn_qdagger", "ppo", "ppo_gtr", "ppo_simplicial", "stream_q",
+          "ppo_cchain"]
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +272,7 @@ def test_bad_minatar_input_is_a_one_line_error(tmp_path, script, args, fragments
                   "--redo-period", "20", "--metrics-every", "50"]),
     ("ppo_gtr", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
     ("ppo_simplicial", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
+    ("ppo_cchain", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
 ])
 def test_variants_run_on_minatar(tmp_path, script, flags):
     """The carried MinAtar family runs end to end with each method (ReDo's recycles on the MinAtar CNN every 20
