@@ -62,8 +62,9 @@ PAIRS = [(base, a, b) for base, members in sorted(FAMILIES.items()) for a, b in 
 
 # How to switch each method off, so that its script is its base script (each script's own tests check this alone:
 # test_dqn_gap.py, test_dqn_hlgauss.py, test_dqn_reset.py, test_dqn_softmoe.py, test_dqn_pruning.py, test_dqn_rigl.py,
-# test_dqn_mico.py, test_dqn_qdagger.py, test_ppo_gtr.py, test_ppo_simplicial.py, test_ppo_cchain.py, test_sac_reset.py,
-# test_sac_simplicial.py; ReDo has no off switch but a recycle that never fires). A new intervention script needs an entry here.
+# test_dqn_mico.py, test_dqn_qdagger.py, test_dqn_cchain.py, test_ppo_gtr.py, test_ppo_simplicial.py,
+# test_ppo_cchain.py, test_sac_reset.py, test_sac_simplicial.py; ReDo has no off switch but a recycle that never fires).
+# A new intervention script needs an entry here.
 OFF = {
     "dqn_redo.py": dict(redo_period=10**9),
     "dqn_hlgauss.py": dict(value_loss="mse"),
@@ -74,6 +75,7 @@ OFF = {
     "dqn_rigl.py": dict(sparsity=0.0),
     "dqn_mico.py": dict(mico_weight=0.0),
     "dqn_qdagger.py": dict(),  # no --teacher-checkpoint: dqn.py (tests/test_dqn_qdagger.py)
+    "dqn_cchain.py": dict(cchain=False),
     "ppo_gtr.py": dict(objective="clip"),
     "ppo_simplicial.py": dict(sem_placement="none"),
     "ppo_cchain.py": dict(cchain=False),
