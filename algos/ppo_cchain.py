@@ -51,7 +51,6 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 
 # EnvPool declares float64 Box bounds that gymnasium casts to float32 with a warning on every env creation: noise.
@@ -1024,7 +1023,8 @@ def run(args: Args) -> dict:
                 writer.add_scalar("charts/task_index", task_index, global_step)
                 # C-CHAIN: lambda and its windows restart with each task, as every official PPO setting does (detail 4)
                 cchain_lambda, task_iteration = args.cchain_lambda_init, 0
-                policy_window.clear(), churn_window.clear()
+                policy_window.clear()
+                churn_window.clear()
                 print(f"global_step={global_step}, switching to task {task_index}: {tasks[task_index]}")
             if args.anneal_lr:  # detail 4
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
