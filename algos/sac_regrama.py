@@ -232,7 +232,7 @@ def resolve_args(args: Args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.replay_ratio < 0 or args.learning_starts < 0 or not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:
         raise UserError("need --replay-ratio >= 0, --learning-starts >= 0, 0 < tau <= 1 and 0 <= gamma <= 1")
-    if args.regrama_tau >= 1.0:  # scores average 1 over a layer: tau >= 1 would recycle most of it
+    if not args.regrama_tau < 1.0:  # scores average 1 over a layer: tau >= 1 would recycle most of it (and NaN none)
         raise UserError(f"--regrama-tau must be < 1 (< 0 never recycles); got {args.regrama_tau}")
     for name in ("regrama_period", "bro_critic_width", "bro_actor_width"):
         if getattr(args, name) < 1:
