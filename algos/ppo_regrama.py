@@ -1175,7 +1175,7 @@ def run(args: Args) -> dict:
                         for key, value in plasticity_metrics(agent, metrics_batch, args).items():
                             writer.add_scalar(key, value, global_step)
                     if args.regrama_tau >= 0 and num_updates % args.regrama_period == 0:  # ReGraMa, after diagnostics
-                        scores = regrama_scores(agent, batch, args)  # this step's minibatch (docs/ppo_regrama.md, detail 5)
+                        scores = regrama_scores(agent, batch, args)  # this step's minibatch (detail 5)
                         recycled = regrama_recycle(agent, optimizer, scores, args.regrama_tau)
                         for name, (count, units) in recycled.items():
                             writer.add_scalar(f"regrama/recycled_fraction/{name}", count / units, global_step)
