@@ -21,7 +21,8 @@ from helpers import (
 
 GAMES = ["MinAtar/Asterix", "MinAtar/Breakout", "MinAtar/Freeway", "MinAtar/Seaquest", "MinAtar/SpaceInvaders"]
 FAMILY = ["dqn", "dqn_redo", "dqn_hlgauss", "dqn_gap", "dqn_reset", "dqn_softmoe", "dqn_pruning", "dqn_rigl", "dqn_mico",
-          "dqn_qdagger", "dqn_cchain", "ppo", "ppo_gtr", "ppo_simplicial", "stream_q", "ppo_cchain"]
+          "dqn_qdagger", "dqn_cchain", "ppo", "ppo_gtr", "ppo_simplicial", "stream_q", "ppo_cchain",
+          "ppo_regrama"]
 
 
 @pytest.fixture(scope="module")
@@ -272,10 +273,12 @@ def test_bad_minatar_input_is_a_one_line_error(tmp_path, script, args, fragments
     ("ppo_gtr", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
     ("ppo_simplicial", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
     ("ppo_cchain", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64"]),
+    ("ppo_regrama", ["--total-timesteps", "512", "--num-envs", "4", "--num-steps", "64", "--regrama-period", "8",
+                     "--regrama-tau", "0.1"]),
 ])
 def test_variants_run_on_minatar(tmp_path, script, flags):
     """The carried MinAtar family runs end to end with each method (ReDo's recycles on the MinAtar CNN every 20
-    updates, GTR's and SEM's losses and layers on the ReLU MLPs)."""
+    updates, GTR's and SEM's losses and layers on the ReLU MLPs, ReGraMa's recycles of them every 8 updates)."""
     proc = run_script(script_path(script), ["--env-id", "MinAtar/SpaceInvaders", *flags, "--eval-episodes", "1",
                                             "--output-dir", tmp_path, "--run-name", "r", "--device", "cpu"],
                       cwd=tmp_path)
