@@ -967,7 +967,7 @@ def ppo_loss(agent, obs, actions, old_logprobs, advantages, returns, old_values,
     if args.norm_adv and len(advantages) > 1:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-    if args.objective != "clip":  # GTR or KL-PPO: penalty to the anchors (docs/ppo_gtr.md, details 1-4)
+    if args.objective != "clip" and anchor is not None:  # GTR or KL-PPO: penalty to the anchors (details 1-4)
         if args.gtr_surrogate == "unclipped":
             pg_loss = (-advantages * ratio).mean()
         d2, kl = anchor_divergences(agent, policy_out, new_logprobs, actions, anchor["out"], anchor["logstd"],
@@ -984,7 +984,7 @@ def ppo_loss(agent, obs, actions, old_logprobs, advantages, returns, old_values,
         v_loss = 0.5 * v_loss_unclipped.mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
-    if args.objective != "clip":
+    if args.objective != "clip" and anchor is not None:  # a caller without anchors gets the clipped PPO loss
         loss = loss + penalty
     with torch.no_grad():  # debug variables; approx_kl is the (ratio - 1) - log ratio estimator (detail 11)
         stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach(),

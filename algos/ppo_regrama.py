@@ -363,7 +363,7 @@ def resolve_args(args: Args):
         raise UserError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch or use --device cpu)")
     if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
         raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
-    if args.regrama_tau >= 1.0:  # ReGraMa: scores average 1 over a layer, so tau >= 1 would recycle most of it
+    if not args.regrama_tau < 1.0:  # ReGraMa: scores average 1 over a layer, so tau >= 1 would recycle most (NaN none)
         raise UserError(f"--regrama-tau must be < 1 (< 0 never recycles); got {args.regrama_tau}")
     for name in ("regrama_period", "bro_width"):
         if getattr(args, name) < 1:

@@ -828,22 +828,24 @@ def run(args: Args) -> dict:
         qf1, qf2 = SoftQNetwork(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
         qf1_target = SoftQNetwork(obs_dim, action_dim).to(device)
         qf2_target = SoftQNetwork(obs_dim, action_dim).to(device)
-        if args.network == "bro":  # BRO's BroNet in place of the MLPs (docs/sac_regrama.md, detail 7)
-            actor = BroActor(obs_dim, action_low, action_high, args.bro_actor_width, args.bro_actor_blocks).to(device)
-            qf1, qf2, qf1_target, qf2_target = (BroQNetwork(obs_dim, action_dim, args.bro_critic_width,
-                                                            args.bro_critic_blocks).to(device) for _ in range(4))
         if args.eval_checkpoint:  # evaluation only
             checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0], device)
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != ((obs_dim,), action_dim):
                 raise UserError(f"the checkpoint's actor takes observations {tuple(checkpoint['obs_shape'])} and "
                                 f"{checkpoint['n_actions']}-dimensional actions; {tasks[0]} has ({obs_dim},) and "
                                 f"{envs.action_space}")
+            if args.network == "bro":  # the checkpoint's BroNet actor (docs/sac_regrama.md, detail 8)
+                actor = BroActor(obs_dim, action_low, action_high, args.bro_actor_width, args.bro_actor_blocks).to(device)
             load_weights(actor, checkpoint, args.eval_checkpoint)
             envs.close()
             returns = evaluate(actor, tasks[0], args, args.eval_episodes, args.seed, device)
             summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
                            checkpoint=args.eval_checkpoint)
             return summary
+        if args.network == "bro":  # BRO's BroNet in place of the MLPs (docs/sac_regrama.md, detail 7)
+            actor = BroActor(obs_dim, action_low, action_high, args.bro_actor_width, args.bro_actor_blocks).to(device)
+            qf1, qf2, qf1_target, qf2_target = (BroQNetwork(obs_dim, action_dim, args.bro_critic_width,
+                                                            args.bro_critic_blocks).to(device) for _ in range(4))
         qf1_target.load_state_dict(qf1.state_dict())
         qf2_target.load_state_dict(qf2.state_dict())
         critic_params = list(qf1.parameters()) + list(qf2.parameters())
