@@ -43,7 +43,7 @@ from utils.runs import collect, episode_curve, read_flags, read_json, read_scala
 # a figure shows the keys its runs have.
 PLASTICITY_KEYS = ("plasticity/dormant_tau0.1", "plasticity/grad_inactive_tau0.1", "plasticity/srank",
                    "plasticity/feature_norm", "plasticity/qf1/dormant_tau0.1", "plasticity/qf1/grad_inactive_tau0.1",
-                   "plasticity/qf1/srank", "plasticity/actor/dormant_tau0.1")
+                   "plasticity/qf1/srank", "plasticity/actor/dormant_tau0.1", "plasticity/actor/grad_inactive_tau0.1")
 
 
 def score_matrices(rows: list[dict], normalise: bool):
