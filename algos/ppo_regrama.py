@@ -3,7 +3,8 @@
 Paper: "Measure gradients, not activations! Enhancing neuronal activity in deep reinforcement learning", Liu, Wu,
 Obando-Ceron, Castro, Courville, Pan, NeurIPS 2025, https://arxiv.org/abs/2505.24061. The paper reports no PPO results
 (its agents are SAC, SAC with BRO's BroNet and DACER): this script EXTENDS the method to PPO, it reproduces nothing.
-No official code was found, and the paper's full text was not readable here: the mechanism below is RECONSTRUCTED from
+The paper's text and code were not found when this script was written (a copy of the code, read afterwards, differs in
+several details: docs/sac_regrama.md, "The official code"): the mechanism below is RECONSTRUCTED from
 secondary summaries, the ReDo paper it modifies and two third-party implementations (AgileRL's ReGraMa stage, a JAX
 optax port), as algos/sac_regrama.py's is. Every detail that is a reconstruction is marked [reconstruction] here, in
 --help and in docs/ppo_regrama.md.
@@ -178,10 +179,11 @@ class Args:
     reward_clip: float = 10.0
     """clipping range of normalised rewards (CleanRL)"""
 
-    # --- ReGraMa (docs/ppo_regrama.md, "Hyperparameters"; no official code, no PPO in the paper: sources there) ---
+    # --- ReGraMa (docs/ppo_regrama.md, "Hyperparameters"; no PPO in the paper: sources there) ---
     regrama_tau: float = 0.01
     """recycle the hidden units whose layer-normalised score is <= tau; < 0 never recycles (ppo.py exactly)
-    [reconstruction: the paper reports robustness for tau in [0, 0.1]; 0.01 is both third-party implementations']"""
+    [reconstruction: the paper reports robustness for tau in [0, 0.1]; 0.01 is both third-party implementations';
+    the official (SAC) code's default is 0, its README's examples 0.1]"""
     regrama_period: int = 1000
     """score and recycle every this many gradient (minibatch) steps [reconstruction: third-party implementations'
     1000, ReDo's period; ppo.py's defaults take 16 (classic, Atari), 32 (MinAtar) or 320 (MuJoCo/DMC) per rollout]"""

@@ -1,10 +1,12 @@
 """SAC + ReGraMa (recycling neurons by gradient magnitude, GraMa) on EnvPool.
 
 Paper: "Measure gradients, not activations! Enhancing neuronal activity in deep reinforcement learning", Liu, Wu,
-Obando-Ceron, Castro, Courville, Pan, NeurIPS 2025, https://arxiv.org/abs/2505.24061. No official code was found, and
-the paper's full text was not readable here: the mechanism below is RECONSTRUCTED from secondary summaries, the ReDo
-paper it modifies and two third-party implementations (AgileRL's ReGraMa stage, a JAX optax port). Every detail that
-is a reconstruction is marked [reconstruction] here, in --help and in docs/sac_regrama.md.
+Obando-Ceron, Castro, Courville, Pan, NeurIPS 2025, https://arxiv.org/abs/2505.24061. The paper's text and code were
+not found when this script was written: the mechanism below is RECONSTRUCTED from secondary summaries, the ReDo paper
+it modifies and two third-party implementations (AgileRL's ReGraMa stage, a JAX optax port), and every reconstructed
+detail is marked [reconstruction] here, in --help and in docs/sac_regrama.md. A copy of the code the paper names was
+read afterwards; it differs in several details (scores from weight gradients, critics only): docs/sac_regrama.md,
+"The official code".
 
 Method: a hidden unit's GraMa score is the mean, over a batch, of the absolute gradient of its network's training
 loss with respect to the unit's pre-activation, divided by the mean of that quantity over its layer (ReDo's
@@ -138,10 +140,11 @@ class Args:
     autotune: bool = True
     """automatic tuning of the entropy coefficient towards the target entropy -|A| (CleanRL: True)"""
 
-    # --- ReGraMa (docs/sac_regrama.md, "Hyperparameters"; no official code: every default is sourced there) ---
+    # --- ReGraMa (docs/sac_regrama.md, "Hyperparameters" and "The official code": every default is sourced there) ---
     regrama_tau: float = 0.01
     """recycle the hidden units whose layer-normalised score is <= tau; < 0 never recycles (sac.py exactly)
-    [reconstruction: the paper reports robustness for tau in [0, 0.1]; 0.01 is both third-party implementations']"""
+    [reconstruction: the paper reports robustness for tau in [0, 0.1]; 0.01 is both third-party implementations';
+    the official code's default is 0, its README's examples 0.1]"""
     regrama_period: int = 1000
     """score and recycle every this many gradient (critic) updates [reconstruction: third-party implementations'
     1000; ReDo's period]"""
