@@ -19,8 +19,8 @@ MLPs the two agree at tau = 0, in residual LayerNorm networks (`--network bro`, 
 
 Differences from the base script (`diff algos/sac.py algos/sac_regrama.py` shows exactly these):
   - flags `--regrama-tau` (0.01; < 0 never recycles, which is sac.py exactly), `--regrama-period` (1000 gradient
-    updates), `--score` (grama | redo), `--network` (mlp | bro) and the BroNet widths and depths, checked in
-    `resolve_args`;
+    updates), `--score` (grama | grama-weight | redo), `--regrama-networks` (all | critics), `--network` (mlp | bro)
+    and the BroNet widths and depths, checked in `resolve_args`;
   - `BroTrunk`, `BroQNetwork` and `BroActor`, the residual LayerNorm networks of BRO (Nauman et al. 2024);
   - the plasticity/ diagnostics take a BroNet unit's gradient at its Linear's output (`grama_units`);
   - `regrama_scores`, `fresh_weight` and `regrama_recycle`, the scoring and the recycling;
@@ -148,9 +148,12 @@ class Args:
     regrama_period: int = 1000
     """score and recycle every this many gradient (critic) updates [reconstruction: third-party implementations'
     1000; ReDo's period]"""
-    score: Literal["grama", "redo"] = "grama"
-    """grama: mean |d loss / d pre-activation| (ReGraMa); redo: mean |activation| (ReDo on the same schedule), the
-    paper's comparison"""
+    score: Literal["grama", "grama-weight", "redo"] = "grama"
+    """grama: mean |d loss / d pre-activation| (ReGraMa); grama-weight: mean |d loss / d W| over each unit's incoming
+    weights (the official code's proxy); redo: mean |activation| (ReDo on the same schedule), the paper's comparison"""
+    regrama_networks: Literal["all", "critics"] = "all"
+    """the networks scored and recycled: all (both critics and the actor) or critics (the official code's: the actor
+    is never recycled)"""
     network: Literal["mlp", "bro"] = "mlp"
     """mlp: sac.py's 256-256 ReLU MLPs; bro: BRO's BroNet (residual blocks with LayerNorm, Nauman et al. 2024), the
     network of the paper's DMC experiments"""
@@ -616,8 +619,9 @@ def regrama_scores(actor, qf1, qf2, qf1_target, qf2_target, batch, alpha: float,
                    score: str) -> dict[str, list[torch.Tensor]]:
     """Layer-normalised scores of every hidden unit of both critics and the actor on one training batch, each
     network on its own loss as in the diagnostics (docs/sac_regrama.md, details 1-2). grama: mean |d loss / d
-    pre-activation| (through the ReLU where the unit has one); redo: mean |activation|. Returns {network: [scores per
-    hidden layer]}, all computed before any recycle."""
+    pre-activation| (through the ReLU where the unit has one); grama-weight: mean |d loss / d W| over each unit's
+    incoming weights (the official code's proxy); redo: mean |activation|. Returns {network: [scores per hidden
+    layer]}, all computed before any recycle."""
     obs, actions, rewards, terminated, next_obs = batch
     target = soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
     scored = []  # grama_units is read right after each forward: a later forward replaces a BroNet's Linear outputs
@@ -629,7 +633,11 @@ def regrama_scores(actor, qf1, qf2, qf1_target, qf2_target, batch, alpha: float,
     scored.append(("actor", hidden, units, (alpha * log_pi - torch.min(qf1(obs, pi), qf2(obs, pi))).mean()))
     scores = {}
     for name, hidden, (units, through_relu), loss in scored:
-        if score == "grama":
+        if score == "grama-weight":  # the official code's proxy: mean |dL/dW| over each unit's incoming weights
+            network = {"qf1": qf1, "qf2": qf2, "actor": actor}[name]
+            weights = [layer.weight for layer, _, _ in recycle_plan(network)]
+            scores[name] = [unit_scores(g.t()) for g in torch.autograd.grad(loss, weights, retain_graph=True)]
+        elif score == "grama":
             grads = torch.autograd.grad(loss, units, retain_graph=True)
             scores[name] = [unit_scores(g * (h.detach() > 0) if through_relu else g) for h, g in zip(hidden, grads)]
         else:
@@ -975,6 +983,8 @@ def run(args: Args) -> dict:
                         totals = [0, 0]
                         for name, network, optimizer in (("qf1", qf1, q_optimizer), ("qf2", qf2, q_optimizer),
                                                          ("actor", actor, actor_optimizer)):
+                            if name == "actor" and args.regrama_networks == "critics":
+                                continue
                             recycled = regrama_recycle(network, optimizer, scores[name], args.regrama_tau)
                             for layer, (count, units) in recycled.items():
                                 writer.add_scalar(f"regrama/{name}/recycled_fraction/{layer}", count / units, global_step)

@@ -128,6 +128,32 @@ def test_scores_match_hand_computation(mod, bro):
                 assert a.mean().item() == pytest.approx(1.0, abs=1e-4)  # layer-normalised
 
 
+@pytest.mark.parametrize("bro", [False, True], ids=["mlp", "bro"])
+def test_weight_gradient_scores_match_hand_computation(mod, bro):
+    """--score grama-weight (the official code's proxy): mean |d loss / d W| over each unit's incoming weights,
+    divided by the layer's mean, from each network's own loss; the same random draws as regrama_scores."""
+    networks, data = nets(mod, bro), batch()
+    actor, qf1, qf2, qf1_target, qf2_target = networks
+    obs, actions, rewards, terminated, next_obs = data
+    torch.manual_seed(7)
+    target = mod.soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, ALPHA, GAMMA)
+    expected = {}
+    for name, qf in (("qf1", qf1), ("qf2", qf2)):
+        weights = [layer.weight for layer, _, _ in mod.recycle_plan(qf)]
+        grads = torch.autograd.grad(((qf(obs, actions) - target) ** 2).mean(), weights)
+        expected[name] = [g.abs().mean(dim=1) / (g.abs().mean(dim=1).mean() + 1e-9) for g in grads]
+    pi, log_pi, _ = actor.get_action(obs)
+    loss = (ALPHA * log_pi - torch.min(qf1(obs, pi), qf2(obs, pi))).mean()
+    grads = torch.autograd.grad(loss, [layer.weight for layer, _, _ in mod.recycle_plan(actor)])
+    expected["actor"] = [g.abs().mean(dim=1) / (g.abs().mean(dim=1).mean() + 1e-9) for g in grads]
+    torch.manual_seed(7)
+    got = mod.regrama_scores(*networks, data, ALPHA, GAMMA, "grama-weight")
+    for name in ("qf1", "qf2", "actor"):
+        assert len(got[name]) == len(expected[name]) == len(networks[0 if name == "actor" else 1].hidden_layers())
+        for a, b in zip(got[name], expected[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_grama_zero_is_redo_dormant_in_a_relu_mlp(mod):
     """For sac.py's ReLU MLPs, the units with GraMa 0 are exactly the ReDo-dormant units (tau 0) on the same batch:
     constructed dead units (large negative biases) in both layers of a critic and of the actor."""
@@ -321,6 +347,16 @@ def test_bronet_run_recycles_logs_saves_and_evaluates(mod, tmp_path):
     assert evaluated["status"] == "completed" and len(evaluated["eval_returns"]) == 1
     again, _, _ = run_in_process(mod, tmp_path, "b", **{**bro, "metrics_every": 0})
     assert again == episodes
+
+
+def test_critics_only_never_touches_the_actor(mod, tmp_path):
+    """--regrama-networks critics (the official code's scope) with the weight-gradient score: the critics recycle,
+    the actor is neither recycled nor logged."""
+    _, run_dir, _ = run_in_process(mod, tmp_path, "c", regrama_tau=0.5, regrama_period=20, metrics_every=0,
+                                   regrama_networks="critics", score="grama-weight")
+    scalars = read_scalars(run_dir)
+    assert any(v > 0 for _, v in scalars["regrama/qf1/recycled_fraction"])
+    assert not any(key.startswith("regrama/actor") for key in scalars)
 
 
 @pytest.mark.parametrize("flags", [dict(regrama_tau=1.0), dict(regrama_tau=float("nan")), dict(regrama_period=0),
