@@ -126,6 +126,23 @@ def run_dqn_smoke(module, out_dir, name: str, env_id: str, **changes) -> str:
     return run_in_process(module, out_dir, name, env_id, DQN_SMOKE[env_id], **changes)
 
 
+# A tiny in-process SAC run (Hopper-v4, 300 steps learning from step 100), shared by tests/test_sac_reset.py and
+# tests/test_sac_regrama.py.
+SAC_FLAGS = dict(env_id="Hopper-v4", total_timesteps=300, learning_starts=100, buffer_size=1000, batch_size=32,
+                 device="cpu", log_every=10, eval_episodes=0, seed=4, torch_threads=1)
+
+
+def run_sac_in_process(module, tmp_path, name: str, **flags) -> tuple[bytes, str, dict]:
+    """`module.run(Args(**SAC_FLAGS, **flags))` into `<tmp_path>/<name>`; asserts it completed and returns (its
+    episodes.csv bytes, the run directory, the summary)."""
+    args = module.Args(**{**SAC_FLAGS, "output_dir": str(tmp_path), "run_name": name, **flags})
+    summary = module.run(args)
+    assert summary["status"] == "completed", summary
+    run_dir = os.path.join(str(tmp_path), name)
+    with open(os.path.join(run_dir, "episodes.csv"), "rb") as f:
+        return f.read(), run_dir, summary
+
+
 def assert_same_run(base_dir: str, ours_dir: str, what: str, min_lines: int = 10,
                     keys=("num_updates", "num_episodes", "final_train_return", "eval_returns")):
     """A switched-off intervention is its base script: byte-identical episodes.csv (with more than `min_lines`

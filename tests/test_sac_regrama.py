@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import call_main, load_script, read_json, read_scalars
+from helpers import SAC_FLAGS, call_main, load_script, read_json, read_scalars, run_sac_in_process
 
 OBS_DIM, LOW, HIGH = 5, np.array([-1.0, -0.5]), np.array([1.0, 0.5])
 ACTION_DIM = len(LOW)
@@ -300,25 +300,13 @@ def test_bronet_recycle_resets_layernorms_and_spares_the_stream_readers(mod):
 # End to end (in process, one thread)
 # ---------------------------------------------------------------------------------------------------------------
 
-FLAGS = dict(env_id="Hopper-v4", total_timesteps=300, learning_starts=100, buffer_size=1000, batch_size=32,
-             device="cpu", log_every=10, eval_episodes=0, seed=4, torch_threads=1)
-
-
-def run_in_process(module, tmp_path, name, **flags):
-    args = module.Args(**{**FLAGS, "output_dir": str(tmp_path), "run_name": name, **flags})
-    summary = module.run(args)
-    assert summary["status"] == "completed", summary
-    run_dir = os.path.join(str(tmp_path), name)
-    with open(os.path.join(run_dir, "episodes.csv"), "rb") as f:
-        return f.read(), run_dir, summary
-
 
 def test_negative_tau_is_a_sac_py_run(mod, sac, tmp_path):
     """--regrama-tau -1 (and the MLP) writes sac.py's episodes.csv, losses and diagnostics byte for byte, and logs
     no regrama/ key; recycling at tau 0.5 changes the run."""
-    base, base_dir, _ = run_in_process(sac, tmp_path, "sac", metrics_every=50)
-    off, off_dir, _ = run_in_process(mod, tmp_path, "off", metrics_every=50, regrama_tau=-1.0, regrama_period=20)
-    on, _, _ = run_in_process(mod, tmp_path, "on", metrics_every=0, regrama_tau=0.5, regrama_period=20)
+    base, base_dir, _ = run_sac_in_process(sac, tmp_path, "sac", metrics_every=50)
+    off, off_dir, _ = run_sac_in_process(mod, tmp_path, "off", metrics_every=50, regrama_tau=-1.0, regrama_period=20)
+    on, _, _ = run_sac_in_process(mod, tmp_path, "on", metrics_every=0, regrama_tau=0.5, regrama_period=20)
     assert base.count(b"\n") > 5
     assert off == base and on != base
     base_scalars, off_scalars = read_scalars(base_dir), read_scalars(off_dir)
@@ -333,7 +321,7 @@ def test_bronet_run_recycles_logs_saves_and_evaluates(mod, tmp_path):
     least once, BroNet diagnostics keys; the checkpoint evaluates with the same flags; same seed, same episodes."""
     bro = dict(network="bro", bro_critic_width=32, bro_actor_width=16, regrama_tau=0.5, regrama_period=20,
                metrics_every=50)
-    episodes, run_dir, summary = run_in_process(mod, tmp_path, "a", save_model=True, **bro)
+    episodes, run_dir, summary = run_sac_in_process(mod, tmp_path, "a", save_model=True, **bro)
     scalars = read_scalars(run_dir)
     assert [step for step, _ in scalars["regrama/recycled_fraction"]] == list(range(120, 301, 20))
     for name in ("qf1", "qf2", "actor"):
@@ -342,17 +330,17 @@ def test_bronet_run_recycles_logs_saves_and_evaluates(mod, tmp_path):
     assert "plasticity/qf1/grad_inactive_tau0.1/trunk.blocks.1.fc_b" in scalars
     assert "regrama/actor/recycled_fraction/trunk.blocks.0.fc_a" in scalars
     assert read_json(os.path.join(run_dir, "config.json"))["args"]["network"] == "bro"
-    evaluated = mod.run(mod.Args(**{**FLAGS, **bro, "eval_checkpoint": summary["model_path"], "eval_episodes": 1,
+    evaluated = mod.run(mod.Args(**{**SAC_FLAGS, **bro, "eval_checkpoint": summary["model_path"], "eval_episodes": 1,
                                     "output_dir": str(tmp_path), "run_name": "eval"}))
     assert evaluated["status"] == "completed" and len(evaluated["eval_returns"]) == 1
-    again, _, _ = run_in_process(mod, tmp_path, "b", **{**bro, "metrics_every": 0})
+    again, _, _ = run_sac_in_process(mod, tmp_path, "b", **{**bro, "metrics_every": 0})
     assert again == episodes
 
 
 def test_critics_only_never_touches_the_actor(mod, tmp_path):
     """--regrama-networks critics (the official code's scope) with the weight-gradient score: the critics recycle,
     the actor is neither recycled nor logged."""
-    _, run_dir, _ = run_in_process(mod, tmp_path, "c", regrama_tau=0.5, regrama_period=20, metrics_every=0,
+    _, run_dir, _ = run_sac_in_process(mod, tmp_path, "c", regrama_tau=0.5, regrama_period=20, metrics_every=0,
                                    regrama_networks="critics", score="grama-weight")
     scalars = read_scalars(run_dir)
     assert any(v > 0 for _, v in scalars["regrama/qf1/recycled_fraction"])

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, describe, load_script, read_json, read_scalars, run_script, script_path
+from helpers import (SAC_FLAGS, assert_one_line_error, describe, load_script, read_json, read_scalars,
+                     run_sac_in_process, run_script, script_path)
 
 RESET_SCRIPT = script_path("sac_reset")
 OBS_DIM, LOW, HIGH = 7, np.array([-1.0, -0.5]), np.array([1.0, 0.5])
@@ -293,24 +294,12 @@ def test_fresh_copy_on_a_module_is_the_constructors_draw(mod):
 # End to end (in process, one thread)
 # ---------------------------------------------------------------------------------------------------------------
 
-FLAGS = dict(env_id="Hopper-v4", total_timesteps=300, learning_starts=100, buffer_size=1000, batch_size=32,
-             device="cpu", log_every=10, eval_episodes=0, seed=4, torch_threads=1)
-
-
-def run_in_process(module, tmp_path, name, **flags):
-    args = module.Args(**{**FLAGS, "output_dir": str(tmp_path), "run_name": name, **flags})
-    summary = module.run(args)
-    assert summary["status"] == "completed", summary
-    run_dir = os.path.join(str(tmp_path), name)
-    with open(os.path.join(run_dir, "episodes.csv"), "rb") as f:
-        return f.read(), run_dir, summary
-
 
 def test_reset_every_zero_is_a_sac_py_run(mod, sac, tmp_path):
     """--reset-every 0 writes sac.py's episodes.csv and losses byte for byte; with resets the run differs."""
-    base, base_dir, _ = run_in_process(sac, tmp_path, "sac", metrics_every=50)
-    off, off_dir, summary = run_in_process(mod, tmp_path, "off", metrics_every=50, reset_every=0)
-    on, _, _ = run_in_process(mod, tmp_path, "on", metrics_every=0, reset_every=150)
+    base, base_dir, _ = run_sac_in_process(sac, tmp_path, "sac", metrics_every=50)
+    off, off_dir, summary = run_sac_in_process(mod, tmp_path, "off", metrics_every=50, reset_every=0)
+    on, _, _ = run_sac_in_process(mod, tmp_path, "on", metrics_every=0, reset_every=150)
     assert base.count(b"\n") > 5
     assert off == base
     assert on != base
@@ -324,7 +313,7 @@ def test_reset_every_zero_is_a_sac_py_run(mod, sac, tmp_path):
 def test_resets_are_counted_logged_and_deterministic(mod, tmp_path):
     """total 300, reset every 100: resets at steps 100 and 200 (not at 300, the end); reset/count and the
     before/after diagnostics are logged; the same seed with diagnostics off writes the same episodes.csv."""
-    episodes, run_dir, summary = run_in_process(mod, tmp_path, "a", metrics_every=25, reset_every=100,
+    episodes, run_dir, summary = run_sac_in_process(mod, tmp_path, "a", metrics_every=25, reset_every=100,
                                                 reset_scope="last-layers", reset_layers=2)
     assert summary["num_resets"] == 2
     scalars = read_scalars(run_dir)
@@ -335,10 +324,10 @@ def test_resets_are_counted_logged_and_deterministic(mod, tmp_path):
     assert scalars["reset/after/plasticity/qf1/param_norm"] != scalars["reset/before/plasticity/qf1/param_norm"]
     config = read_json(os.path.join(run_dir, "config.json"))["args"]
     assert (config["reset_every"], config["reset_scope"], config["reset_layers"]) == (100, "last-layers", 2)
-    again, _, _ = run_in_process(mod, tmp_path, "b", metrics_every=0, reset_every=100, reset_scope="last-layers",
+    again, _, _ = run_sac_in_process(mod, tmp_path, "b", metrics_every=0, reset_every=100, reset_scope="last-layers",
                                  reset_layers=2)
     assert again == episodes
-    other, _, _ = run_in_process(mod, tmp_path, "c", metrics_every=0, reset_every=100, reset_scope="last-layers",
+    other, _, _ = run_sac_in_process(mod, tmp_path, "c", metrics_every=0, reset_every=100, reset_scope="last-layers",
                                  reset_layers=2, seed=5)
     assert other != episodes
 
