@@ -1,0 +1,973 @@
+"""SAC + LEAST on EnvPool: stop unpromising episodes early ("The Courage to Stop"), a reconstruction.
+
+Paper: "The Courage to Stop: Overcoming Sunk Cost Fallacy in Deep Reinforcement Learning", Liu, Obando-Ceron, Castro,
+Courville and Pan, ICML 2025, https://arxiv.org/abs/2506.13672 (LEAST, "learn to stop"). No official code is public.
+What was read: the abstract, the OpenReview summary and secondary notes of the paper (an AI review of the arXiv PDF
+and two paper notes); the paper's body, algorithm box and hyperparameter tables were NOT available. Every detail below
+that those sources do not state is marked [reconstruction] here, in --help and in docs/sac_least.md.
+
+Method: sac.py whose data collection may end an episode early. Per episode step i the agent keeps, over the last K
+finished episodes, the critic's value estimate Q(s_i, a_i) (buffer B_Q) and its learning signal, the TD loss of
+that transition (buffer B_G). At step i of a running episode with estimate Q_i and TD loss G_i:
+    epsilon_i = median(B_Q[:, i])                     (the quality threshold at step i)
+    omega_i   = c * median(B_G[:, i]) / G_i            (learning potential: a large current G_i is lenient)
+    stop if Q_i < omega_i * epsilon_i   when epsilon_i >= 0,
+         or Q_i < epsilon_i / omega_i   when epsilon_i < 0.
+A stopped episode is a time-limit-like truncation, never a termination: its last transition is stored as usual
+(bootstrapped from its true next observation) and the environment is reset by hand.
+
+Differences from the base script (sac.py), all in docs/sac_least.md ("Implementation details"):
+  - the LEAST flags (--least-window, --least-start, --least-omega-scale, --least-min-episodes);
+  - class StopRule (the per-step buffers over the last K episodes, the thresholds and the stop test) and
+    least_statistics (Q and TD loss of the transitions just collected, in a forked RNG so training draws the same
+    random numbers);
+  - in the collection loop: the statistics, the stop test, the hand reset of stopped environments, their partial
+    episodes written to least_stops.csv (not episodes.csv, which keeps episodes that ended by themselves), and the
+    least/ logs; the window is cleared at a task switch;
+  - --least-window 0 is sac.py exactly (no statistic is computed).
+Reconstructed or simplified (docs/sac_least.md, "Deviations"): which Q (the min of the twin online critics), G as
+the TD loss of the collected transition under the current critics, the coefficient c, the minimum count of
+episodes per step, and the paper's two extras (entropy-aware growth of K, a sigmoid exploration-noise schedule)
+are left out.
+
+Docs: docs/sac_least.md. Conventions every script follows: docs/conventions.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+# EnvPool declares float64 Box bounds that gymnasium casts to float32 with a warning on every env creation: noise.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+
+
+@dataclass
+class Args:
+    # --- experiment and outputs (shared by every script, see docs/conventions.md) ---
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (network init, exploration, replay sampling, environment seeds)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic algorithms are used"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the networks live: auto picks cuda when available"""
+    torch_threads: int = 0
+    """torch CPU threads (0: torch's default, one per core unless OMP_NUM_THREADS is set, as the benchmark harness
+    does); on a busy CPU one thread per run avoids oversubscription (docs/conventions.md, threads)"""
+    output_dir: str = "runs"
+    """outputs go to <output_dir>/<run_name>/"""
+    run_name: Optional[str] = None
+    """the run directory name; default {env}__{exp_name}__{seed}__{unix time}"""
+    save_model: bool = False
+    """if toggled, save the actor and both critics to <run_dir>/model.pt (loadable with torch.load(...,
+    weights_only=True))"""
+    eval_checkpoint: Optional[str] = None
+    """path to a model.pt written by --save-model: skip training and only evaluate its actor on --env-id"""
+    eval_episodes: int = 10
+    """number of evaluation episodes at the end of training (0 disables evaluation)"""
+    eval_every: int = 0
+    """also evaluate every this many environment steps (0: only at the end)"""
+    metrics_every: int = 1000
+    """log the plasticity/ diagnostics every this many gradient updates (0 disables them)"""
+    metrics_batch_size: int = 256
+    """size of the fresh replay batch the diagnostics are computed on"""
+    log_every: int = 100
+    """log losses, alpha and SPS every this many gradient updates"""
+
+    # --- environment ---
+    env_id: str = "Hopper-v4"
+    """the EnvPool task id (MuJoCo: HalfCheetah-v4, Hopper-v4, Walker2d-v4, Ant-v4, Humanoid-v4, ...; DeepMind
+    Control: CheetahRun-v1, WalkerRun-v1, ...)"""
+    env_ids: tuple[str, ...] = ()
+    """a task sequence for continual learning (overrides --env-id); all tasks must share observation and action
+    spaces (e.g. WalkerStand-v1 WalkerWalk-v1 WalkerRun-v1)"""
+    steps_per_task: Optional[int] = None
+    """environment steps spent on each task of --env-ids (total steps = len(env_ids) * steps_per_task)"""
+    total_timesteps: Optional[int] = None
+    """total environment steps, summed over envs [default: 1M (CleanRL); task sequences:
+    len(env_ids) * steps_per_task]"""
+    num_envs: int = 1
+    """number of parallel EnvPool environments used for collection"""
+    env_threads: int = 0
+    """EnvPool worker threads (0: one per env up to the core count)"""
+    max_episode_steps: Optional[int] = None
+    """episode cap in agent steps [default: EnvPool's, 1000 for MuJoCo and DMC]"""
+
+    # --- algorithm (defaults: CleanRL's sac_continuous_action.py) ---
+    buffer_size: int = 1_000_000
+    """replay memory capacity in transitions (CleanRL: 1M)"""
+    gamma: float = 0.99
+    """discount factor (CleanRL: 0.99)"""
+    tau: float = 0.005
+    """target smoothing coefficient of the Polyak update (CleanRL: 0.005)"""
+    batch_size: int = 256
+    """minibatch size (CleanRL: 256)"""
+    replay_ratio: float = 1.0
+    """gradient updates (critic updates) per environment step (CleanRL: 1, one update per step with one env)"""
+    learning_starts: int = 5000
+    """environment steps of uniformly random actions before learning (CleanRL: 5e3)"""
+    policy_lr: float = 3e-4
+    """Adam learning rate of the actor (CleanRL: 3e-4)"""
+    q_lr: float = 1e-3
+    """Adam learning rate of the two Q-networks and of alpha (CleanRL: 1e-3)"""
+    policy_frequency: int = 2
+    """actor (and alpha) updates are delayed: every this many critic updates, done this many times in a row
+    (CleanRL: 2, TD3-style delay compensated by repetition)"""
+    target_network_frequency: int = 1
+    """Polyak-update the target networks every this many critic updates (CleanRL: 1)"""
+    alpha: float = 0.2
+    """entropy coefficient when --no-autotune (CleanRL: 0.2)"""
+    autotune: bool = True
+    """automatic tuning of the entropy coefficient towards the target entropy -|A| (CleanRL: True)"""
+
+    # --- LEAST: stopping unpromising episodes early (docs/sac_least.md) ---
+    least_window: int = 250
+    """K, the finished episodes whose per-step statistics set the thresholds, a sliding window (paper: an initial
+    250 episodes, per a secondary note; its entropy-aware growth of K is left out); 0 disables LEAST (sac.py)"""
+    least_start: float = 0.15
+    """the stop rule acts from this fraction of --total-timesteps on (and never before --learning-starts; paper:
+    after 10-20% of training on MuJoCo, per a secondary note); statistics are gathered from --learning-starts"""
+    least_omega_scale: float = 0.5
+    """c in omega_i = c * median(B_G[:, i]) / G_i [reconstruction: the notes report an "omega weight coefficient"
+    robust in [0.3, 0.6] but not where it enters; read here as a factor on omega; < 1 makes stops rarer]"""
+    least_signal: Literal["batch", "sample"] = "batch"
+    """G_i, the learning signal [reconstruction: the notes say "the magnitude of the critic's gradient (or
+    equivalently the TD loss)" at step i]: batch = the TD loss of the critics' latest update (a smooth measure of
+    how much the critic is still learning); sample = the squared TD error of the transition just collected (so
+    noisy that omega swings by orders of magnitude: docs/sac_least.md, detail 2)"""
+    least_min_episodes: int = 10
+    """test step i only once at least this many window episodes reached step i [reconstruction: a median of a
+    handful of values is noise]"""
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2, no traceback."""
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops with summary status "diverged"."""
+
+
+def space_size(space, task: str) -> int:
+    """Size of the flat float32 observation: a Box (n,) or a Dict of Boxes of shape () or (n,) (docs/sac.md,
+    detail 2). Anything else (pixels) is a UserError."""
+    if type(space).__name__ == "Dict":
+        entries = list(space.spaces.values())
+        ok = bool(entries) and all(type(s).__name__ == "Box" and len(s.shape) <= 1 for s in entries)
+    else:
+        entries = [space]
+        ok = type(space).__name__ == "Box" and len(space.shape) == 1
+    if not ok:
+        raise UserError(f"sac.py needs vector observations (a Box of shape (n,) or a Dict of scalar and vector "
+                        f"entries); {task} has {space}")
+    return int(sum(int(np.prod(s.shape)) for s in entries))  # a () entry has prod(()) = 1
+
+
+def resolve_args(args: Args):
+    """Check the flags against the environments and fill in the defaults; returns (tasks, family)."""
+    import envpool
+
+    negative = [(key, value) for key, value in vars(args).items() if type(value) is int and value < 0]
+    if negative:  # no count, size, period, budget or seed is negative (docs/conventions.md, section 10)
+        raise UserError(f"--{negative[0][0].replace('_', '-')} must be >= 0 (got {negative[0][1]})")
+    tasks = list(args.env_ids) if args.env_ids else [args.env_id]
+    known = envpool.list_all_envs()
+    for task in tasks:
+        if task.startswith("MinAtar/"):  # dqn.py and ppo.py run MinAtar; its actions are discrete
+            raise UserError(f"{task}: MinAtar games have discrete actions; sac.py needs continuous ones (use dqn.py or ppo.py)")
+        if task not in known:
+            close = difflib.get_close_matches(task, known, n=3, cutoff=0.6)
+            hint = f" (did you mean: {', '.join(close)}?)" if close else " (see envpool.list_all_envs())"
+            raise UserError(f"unknown env id '{task}'{hint}")
+    specs = [envpool.make_spec(task) for task in tasks]
+    layouts = set()
+    for task, spec in zip(tasks, specs):
+        space = spec.action_space
+        if type(space).__name__ != "Box" or len(space.shape) != 1:
+            raise UserError(f"sac.py needs a continuous (Box) action space; {task} has {space}")
+        if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+            raise UserError(f"sac.py squashes actions into the action bounds, which must be finite; {task} has {space}")
+        obs_space = spec.observation_space
+        keys = tuple((k, tuple(s.shape)) for k, s in obs_space.spaces.items()) if type(obs_space).__name__ == "Dict" \
+            else (("", tuple(obs_space.shape)),)
+        space_size(obs_space, task)
+        layouts.add((keys, tuple(space.low.tolist()), tuple(space.high.tolist())))
+    if len(layouts) > 1:
+        raise UserError("all tasks of --env-ids must share the observation space and the action space "
+                        "(bounds included)")
+    kind = type(specs[0]).__name__
+    family = "dmc" if kind.startswith("Dmc") else ("mujoco" if kind.startswith("Gym") else "vector")
+    if len(tasks) > 1:
+        if args.steps_per_task is None:
+            raise UserError("--env-ids with more than one task needs --steps-per-task")
+        if args.total_timesteps not in (None, len(tasks) * args.steps_per_task):
+            raise UserError("--total-timesteps must equal len(env_ids) * steps_per_task (or be left out)")
+        args.total_timesteps = len(tasks) * args.steps_per_task
+    elif args.total_timesteps is None:
+        args.total_timesteps = args.steps_per_task or 1_000_000
+    for name in ("num_envs", "batch_size", "buffer_size", "policy_frequency", "target_network_frequency",
+                 "total_timesteps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.replay_ratio < 0 or args.learning_starts < 0 or not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:
+        raise UserError("need --replay-ratio >= 0, --learning-starts >= 0, 0 < tau <= 1 and 0 <= gamma <= 1")
+    if args.buffer_size < args.num_envs:
+        raise UserError("--buffer-size must be >= --num-envs (one vector step adds num_envs transitions)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch or use --device cpu)")
+    if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
+        raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
+    if not (0 <= args.least_start <= 1 and args.least_omega_scale > 0):  # LEAST's flags (docs/sac_least.md)
+        raise UserError(f"need 0 <= --least-start <= 1 and --least-omega-scale > 0 (got {args.least_start} and "
+                        f"{args.least_omega_scale})")
+    if args.least_window and not 1 <= args.least_min_episodes <= args.least_window:
+        raise UserError(f"need 1 <= --least-min-episodes <= --least-window (got {args.least_min_episodes} and "
+                        f"{args.least_window})")
+    return tasks, family
+
+
+def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args):
+    """An EnvPool Gymnasium vector env (docs/sac.md, detail 1)."""
+    import envpool
+
+    kwargs = dict(env_type="gymnasium", num_envs=num_envs, seed=seeds, num_threads=args.env_threads or 0)
+    if args.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = args.max_episode_steps
+    return envpool.make(env_id, **kwargs)
+
+
+def env_seeds(seed: int, task_index: int, purpose: int, num_envs: int) -> list[int]:
+    """Distinct EnvPool seeds per run, task and purpose. EnvPool gives env i the seed `seed + i` when given an int,
+    so runs with seeds 1 and 2 would share num_envs - 1 environments; we pass an explicit list instead."""
+    state = np.random.SeedSequence([seed, task_index, purpose]).generate_state(num_envs)
+    return [int(s % (2**31 - 1)) for s in state]
+
+
+def obs_keys(space) -> Optional[list[str]]:
+    """The keys of a Dict observation space in the space's own order (None for a Box)."""
+    return list(space.spaces.keys()) if type(space).__name__ == "Dict" else None
+
+
+def flatten_obs(obs, keys: Optional[list[str]] = None) -> np.ndarray:
+    """(num_envs, obs_dim) float32. DMC's Dict entries are concatenated in the space's key order, scalar entries
+    (shape () per env) as one column (docs/sac.md, detail 2); MuJoCo's float64 Box is cast."""
+    if keys is None:
+        return np.asarray(obs, dtype=np.float32)
+    n = len(obs[keys[0]])
+    return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(n, -1) for k in keys], axis=1)
+
+
+class ReplayBuffer:
+    """Flat ring of real transitions (obs, action, reward, terminated, next_obs) (docs/sac.md, detail 3).
+
+    The next observation is stored explicitly: vector observations are small, and EnvPool returns the true final
+    observation with the step that ends an episode, so every stored transition is complete on its own. The caller
+    adds only the transitions of envs whose previous step did not end an episode: EnvPool's auto-reset step
+    (final obs -> first obs of the next episode, action ignored) is never stored, so it can never be sampled.
+    `terminated` is the only terminal flag: a time-limit truncation is stored as a normal transition whose target
+    bootstraps from its final observation (detail 4)."""
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int):
+        self.capacity = capacity
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros((capacity, action_dim), dtype=np.float32)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.float32)
+        self.pos, self.size = 0, 0
+
+    def __len__(self):
+        return self.size
+
+    def add(self, obs, next_obs, actions, rewards, terminated):
+        idx = (self.pos + np.arange(len(obs))) % self.capacity
+        self.obs[idx], self.next_obs[idx], self.actions[idx] = obs, next_obs, actions
+        self.rewards[idx], self.terminated[idx] = rewards, terminated
+        self.pos = (self.pos + len(obs)) % self.capacity
+        self.size = min(self.size + len(obs), self.capacity)
+
+    def sample(self, batch_size: int, rng: np.random.Generator):
+        """Uniform with replacement (as CleanRL's buffer); returns obs, actions, rewards, terminated, next_obs."""
+        if self.size < 1:
+            raise ValueError("not enough data in the replay memory to sample")
+        idx = rng.integers(0, self.size, batch_size)
+        return self.obs[idx], self.actions[idx], self.rewards[idx], self.terminated[idx], self.next_obs[idx]
+
+
+class EpisodeStats:
+    """Full-game, unclipped episode returns from EnvPool's `info` (docs/dqn.md, detail 5).
+
+    Atari's `info["reward"]` is the raw score and `info["terminated"]` is a real game over, so returns are per game
+    even when life loss is a training terminal and rewards are clipped. Other families report neither key, and
+    their returned reward and `terminated` are already the true ones."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs, dtype=np.float64)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+
+    def update(self, reward, terminated, truncated, info, valid):
+        """Add one vector step; returns (game_over mask, [(env index, return, length) for finished games])."""
+        self.returns += info["reward"] if "reward" in info else reward
+        self.lengths += valid  # the auto-reset step is not an agent step
+        game_over = (info["terminated"].astype(bool) if "terminated" in info else terminated) | truncated
+        if not game_over.any():
+            return game_over, []
+        finished = [(int(i), float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(game_over)]
+        self.returns[game_over], self.lengths[game_over] = 0.0, 0
+        return game_over, finished
+
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # CleanRL (SpinUp uses -20); docs/sac.md, detail 5
+
+
+def mlp_trunk(in_dim: int, hidden: int = 256) -> list:
+    """(Linear, ReLU) pairs of CleanRL's 256-256 MLPs, named so diagnostics and interventions can walk them."""
+    return [("fc1", nn.Linear(in_dim, hidden)), ("act1", nn.ReLU()), ("fc2", nn.Linear(hidden, hidden)),
+            ("act2", nn.ReLU())]
+
+
+def run_hidden(net: nn.Sequential, x):
+    """Forward through `net`, also returning every ReLU output (the hidden units)."""
+    hidden = []
+    for module in net:
+        x = module(x)
+        if isinstance(module, nn.ReLU):
+            hidden.append(x)
+    return x, hidden
+
+
+def hidden_layer_names(net: nn.Sequential) -> list[str]:
+    """Names of the layers whose ReLU outputs are the hidden units, in forward order."""
+    names, last = [], None
+    for name, module in net.named_children():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = name
+        elif isinstance(module, nn.ReLU):
+            names.append(last)
+    return names
+
+
+class SoftQNetwork(nn.Module):
+    """Q(s, a): a 256-256 ReLU MLP on the concatenated observation and action (CleanRL), PyTorch default init."""
+
+    def __init__(self, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(OrderedDict(mlp_trunk(obs_dim + action_dim) + [("q", nn.Linear(256, 1))]))
+
+    def forward(self, obs, actions, return_hidden: bool = False):
+        x, hidden = run_hidden(self.net, torch.cat([obs, actions], dim=1))
+        return (x.squeeze(1), hidden) if return_hidden else x.squeeze(1)
+
+    def hidden_layers(self):
+        return hidden_layer_names(self.net)
+
+
+def bounded_log_std(raw: torch.Tensor) -> torch.Tensor:
+    """tanh rescaling of the raw head into [LOG_STD_MIN, LOG_STD_MAX] (SpinUp / Yarats, as CleanRL; detail 5)."""
+    return LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(raw) + 1)
+
+
+def squashed_gaussian(mean, log_std, noise, action_scale, action_bias):
+    """Reparameterised sample a = tanh(mean + std * noise) * scale + bias and its log-density (summed over action
+    dimensions) by the change of variables: log N(u) - sum log(scale * (1 - tanh(u)^2) + 1e-6) (detail 5)."""
+    std = log_std.exp()
+    u = mean + std * noise
+    y = torch.tanh(u)
+    # log N(u; mean, std) by the operations of torch.distributions.Normal.log_prob, without building a Normal
+    # (whose argument checks cost more than the arithmetic at these sizes; detail 5)
+    normal_log_prob = -((u - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    log_prob = normal_log_prob - torch.log(action_scale * (1 - y.pow(2)) + 1e-6)
+    return y * action_scale + action_bias, log_prob.sum(dim=1)
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy: a 256-256 ReLU trunk, a mean head and a log-std head (CleanRL). The action
+    bounds are buffers, so a checkpoint carries them."""
+
+    def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray):
+        super().__init__()
+        action_dim = len(action_low)
+        self.trunk = nn.Sequential(OrderedDict(mlp_trunk(obs_dim)))
+        self.fc_mean = nn.Linear(256, action_dim)
+        self.fc_logstd = nn.Linear(256, action_dim)
+        low, high = np.asarray(action_low, dtype=np.float32), np.asarray(action_high, dtype=np.float32)
+        self.register_buffer("action_scale", torch.tensor((high - low) / 2.0, dtype=torch.float32))
+        self.register_buffer("action_bias", torch.tensor((high + low) / 2.0, dtype=torch.float32))
+
+    def forward(self, obs, return_hidden: bool = False):
+        x, hidden = run_hidden(self.trunk, obs)
+        mean, log_std = self.fc_mean(x), bounded_log_std(self.fc_logstd(x))
+        return (mean, log_std, hidden) if return_hidden else (mean, log_std)
+
+    def get_action(self, obs, return_hidden: bool = False):
+        """(sampled action, its log-prob, deterministic action tanh(mean) rescaled[, hidden])."""
+        mean, log_std, hidden = self(obs, return_hidden=True)
+        action, log_prob = squashed_gaussian(mean, log_std, torch.randn_like(mean), self.action_scale,
+                                             self.action_bias)
+        deterministic = torch.tanh(mean) * self.action_scale + self.action_bias
+        return (action, log_prob, deterministic, hidden) if return_hidden else (action, log_prob, deterministic)
+
+    def mean_action(self, obs):
+        """The deterministic evaluation action (draws no random numbers)."""
+        return torch.tanh(self(obs)[0]) * self.action_scale + self.action_bias
+
+    def hidden_layers(self):
+        return hidden_layer_names(self.trunk)
+
+
+def target_entropy(action_shape) -> float:
+    """SAC's heuristic target entropy -|A| (Haarnoja et al. 2018b; CleanRL)."""
+    return -float(np.prod(action_shape))
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
+    """Polyak averaging theta' <- tau * theta + (1 - tau) * theta' (detail 6)."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.mul_(1.0 - tau).add_(s, alpha=tau)
+
+
+@torch.no_grad()
+def soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha: float, gamma: float):
+    """r + gamma * (1 - terminated) * (min_i Q'_i(s', a') - alpha * log pi(a'|s')), a' ~ pi(.|s'). Only a
+    termination stops the bootstrap; a time-limit truncation bootstraps from the final observation (detail 4)."""
+    next_actions, next_log_pi, _ = actor.get_action(next_obs)
+    min_q = torch.min(qf1_target(next_obs, next_actions), qf2_target(next_obs, next_actions))
+    return rewards + (1.0 - terminated) * gamma * (min_q - alpha * next_log_pi)
+
+
+def unit_scores(x: torch.Tensor) -> torch.Tensor:
+    """ReDo's layer-normalised score per unit (a conv channel is one unit): mean |x| over batch (and space),
+    divided by the layer's mean of that quantity."""
+    per_unit = x.abs().mean(dim=(0, 2, 3)) if x.dim() == 4 else x.abs().mean(dim=0)
+    return per_unit / (per_unit.mean() + 1e-9)
+
+
+def srank(features: torch.Tensor, delta: float = 0.01) -> int:
+    """Effective rank of Kumar et al. (2021): the fewest singular values holding 1 - delta of their sum."""
+    sv = torch.linalg.svdvals(features.float())
+    cumulative = torch.cumsum(sv, 0) / sv.sum().clamp_min(1e-12)
+    return int((cumulative < 1 - delta).sum().item()) + 1
+
+
+def network_metrics(prefix: str, network: nn.Module, hidden: list, loss: torch.Tensor, taus) -> dict[str, float]:
+    """The plasticity/ diagnostics of docs/conventions.md for one network and its own loss, keys prefixed with the
+    network's name (plasticity/actor/..., plasticity/qf1/...)."""
+    params = [p for p in network.parameters()]
+    grads = torch.autograd.grad(loss, hidden + params, retain_graph=True)
+    hidden_grads, param_grads = grads[: len(hidden)], grads[len(hidden):]
+    metrics, totals = {}, {}
+    for name, h, g in zip(network.hidden_layers(), hidden, hidden_grads):
+        # GraMa scores the gradient through the ReLU (w.r.t. the pre-activation), so a dead unit scores 0
+        act_score, grad_score = unit_scores(h.detach()), unit_scores(g * (h.detach() > 0))
+        for tau in taus:
+            for kind, score in (("dormant", act_score), ("grad_inactive", grad_score)):
+                key = f"{kind}_tau{tau:g}"
+                frac = (score <= tau).float()
+                metrics[f"plasticity/{prefix}/{key}/{name}"] = frac.mean().item()
+                count, units = totals.get(key, (0.0, 0))
+                totals[key] = (count + frac.sum().item(), units + frac.numel())
+    for key, (count, units) in totals.items():
+        metrics[f"plasticity/{prefix}/{key}"] = count / units
+    features = hidden[-1].detach().flatten(1)
+    metrics[f"plasticity/{prefix}/srank"] = srank(features)
+    metrics[f"plasticity/{prefix}/feature_norm"] = features.norm(dim=1).mean().item()
+    metrics[f"plasticity/{prefix}/param_norm"] = torch.sqrt(sum((p.detach() ** 2).sum() for p in params)).item()
+    metrics[f"plasticity/{prefix}/grad_norm"] = torch.sqrt(sum((g**2).sum() for g in param_grads)).item()
+    return metrics
+
+
+def plasticity_metrics(actor, qf1, qf2, qf1_target, qf2_target, batch, alpha: float, gamma: float,
+                       taus=(0.0, 0.1)) -> dict[str, float]:
+    """Diagnostics of the two critics (each with its own TD loss) and of the actor (the actor loss) on one replay
+    batch (docs/sac.md, detail 8)."""
+    obs, actions, rewards, terminated, next_obs = batch
+    target = soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
+    metrics = {}
+    for name, qf in (("qf1", qf1), ("qf2", qf2)):
+        q_values, hidden = qf(obs, actions, return_hidden=True)
+        metrics.update(network_metrics(name, qf, hidden, F.mse_loss(q_values, target), taus))
+    pi, log_pi, _, hidden = actor.get_action(obs, return_hidden=True)
+    actor_loss = (alpha * log_pi - torch.min(qf1(obs, pi), qf2(obs, pi))).mean()
+    metrics.update(network_metrics("actor", actor, hidden, actor_loss, taus))
+    return metrics
+
+
+def to_torch(batch, device):
+    return [torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in batch]
+
+
+class StopRule:
+    """LEAST's bookkeeping and stop test (docs/sac_least.md, details 1-3), in NumPy.
+
+    B_Q and B_G are (K, L) rings of the last K finished episodes, row = episode, column = episode step (L = the
+    episode cap); an episode shorter than L leaves NaN in its later columns, and steps before learning started are
+    NaN too, so medians are over the episodes that have a value at that step. Each environment fills its own
+    current row (an episode in progress never counts in the thresholds); the row enters the window when its episode
+    ends, however it ends, evicting the oldest row once K are stored."""
+
+    def __init__(self, num_envs: int, window: int, max_len: int, omega_scale: float, min_episodes: int):
+        self.window, self.max_len = window, max_len
+        self.omega_scale, self.min_episodes = omega_scale, min_episodes
+        self.b_q = np.full((window, max_len), np.nan, dtype=np.float32)
+        self.b_g = np.full((window, max_len), np.nan, dtype=np.float32)
+        self.cur_q = np.full((num_envs, max_len), np.nan, dtype=np.float32)
+        self.cur_g = np.full((num_envs, max_len), np.nan, dtype=np.float32)
+        self.step = np.zeros(num_envs, dtype=np.int64)  # episode step of each env's next transition
+        self.next_row, self.stored = 0, 0
+
+    def record(self, envs: np.ndarray, q: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Write the statistics of the transitions just taken by `envs` (indices) at their episode steps and advance
+        those steps; returns the steps written."""
+        steps = self.step[envs].copy()
+        inside = steps < self.max_len  # an episode longer than the cap given at construction is not recorded
+        self.cur_q[envs[inside], steps[inside]] = q[inside]
+        self.cur_g[envs[inside], steps[inside]] = g[inside]
+        self.step[envs] += 1
+        return steps
+
+    def thresholds(self, steps: np.ndarray):
+        """(epsilon, median of B_G, number of window episodes with a value) at each of `steps`."""
+        steps = np.minimum(steps, self.max_len - 1)
+        q_cols, g_cols = self.b_q[:, steps], self.b_g[:, steps]  # (K, len(steps))
+        count = np.isfinite(q_cols).sum(axis=0)
+        with warnings.catch_warnings():  # an all-NaN column (no episode reached that step) gives NaN, not a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(q_cols, axis=0), np.nanmedian(g_cols, axis=0), count
+
+    def should_stop(self, steps: np.ndarray, q: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """The stop test at episode `steps` for estimates `q` and TD losses `g` (one per environment tested)."""
+        epsilon, g_median, count = self.thresholds(steps)
+        omega = self.omega_scale * g_median / np.maximum(g, 1e-8)
+        with np.errstate(divide="ignore", invalid="ignore"):  # omega = 0 (a zero median) makes the bar -inf
+            bar = np.where(epsilon >= 0, omega * epsilon, epsilon / omega)
+        return (count >= self.min_episodes) & (q < bar)  # NaN thresholds (count 0) compare False
+
+    def end_episode(self, env: int):
+        """Move env's finished episode into the window (evicting the oldest once full) and start a fresh row."""
+        self.b_q[self.next_row], self.b_g[self.next_row] = self.cur_q[env], self.cur_g[env]
+        self.next_row = (self.next_row + 1) % self.window
+        self.stored = min(self.stored + 1, self.window)
+        self.drop_episode(env)
+
+    def drop_episode(self, env: int):
+        """Forget env's unfinished episode (a task switch)."""
+        self.cur_q[env], self.cur_g[env] = np.nan, np.nan
+        self.step[env] = 0
+
+    def clear(self):
+        """Empty the window and every row in progress (a task switch: another task's values set no threshold)."""
+        self.b_q[:], self.b_g[:] = np.nan, np.nan
+        self.next_row, self.stored = 0, 0
+        for env in range(len(self.step)):
+            self.drop_episode(env)
+
+
+def episode_cap(envs) -> int:
+    """The episode cap in agent steps, L (EnvPool's max_episode_steps, or --max-episode-steps when given)."""
+    return int(envs.spec.config.max_episode_steps)
+
+
+@torch.no_grad()
+def least_statistics(actor, qf1, qf2, qf1_target, qf2_target, obs, actions, rewards, terminated, next_obs,
+                     alpha: float, gamma: float):
+    """Q_i = min(Q1, Q2)(s_i, a_i) of the online critics and G_i = the mean of the two critics' squared TD errors on
+    the transition just collected, against sac.py's soft target (detail 2) [reconstruction: the notes name "the
+    predicted Q-value" and "the critic's gradient magnitude, or equivalently the TD loss" without saying which critic
+    or when]. The target samples a' from the actor: the caller runs this in a forked RNG."""
+    target = soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
+    q1, q2 = qf1(obs, actions), qf2(obs, actions)
+    g = 0.5 * ((q1 - target) ** 2 + (q2 - target) ** 2)
+    return torch.min(q1, q2).cpu().numpy(), g.cpu().numpy()
+
+
+def evaluate(actor, env_id: str, args: Args, episodes: int, seed: int, device) -> list[float]:
+    """Play `episodes` episodes in parallel, one per EnvPool env (so short episodes are not over-represented),
+    with the deterministic action tanh(mean); returns the episode returns."""
+    envs = make_env(env_id, episodes, env_seeds(seed, 0, 1, episodes), args)
+    keys = obs_keys(envs.observation_space)
+    stats = EpisodeStats(episodes)
+    returns = np.full(episodes, np.nan)
+    obs, _ = envs.reset()
+    prev_done = np.zeros(episodes, dtype=bool)
+    while np.isnan(returns).any():
+        with torch.inference_mode():
+            actions = actor.mean_action(torch.from_numpy(flatten_obs(obs, keys)).to(device)).cpu().numpy()
+        obs, reward, terminated, truncated, info = envs.step(actions)
+        _, finished = stats.update(reward, terminated, truncated, info, ~prev_done)
+        prev_done = terminated | truncated
+        for i, ret, _ in finished:
+            if np.isnan(returns[i]):
+                returns[i] = ret
+    envs.close()
+    return returns.tolist()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "envpool", "gymnasium", "ale-py", "tyro", "tensorboard"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def write_json(path: str, data: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)  # atomic: the harness never reads a half-written file
+
+
+def read_checkpoint(path: str, task: str, device) -> dict:
+    """An --eval-checkpoint file, read with safe loading only (tensors and plain containers: a file can never run code)
+    and checked to be a --save-model checkpoint trained on `task` (docs/conventions.md, section 10)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # empty, corrupt, or holding objects safe loading refuses: never retry it unsafely
+        raise UserError(f"--eval-checkpoint {path}: not a file safe loading can read ({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
+            and {"model", "obs_shape", "n_actions"} <= checkpoint.keys()):
+        raise UserError(f"--eval-checkpoint {path}: not a checkpoint written by --save-model")
+    trained_on = checkpoint["args"].get("env_ids") or [checkpoint["args"].get("env_id")]
+    if task not in trained_on:
+        raise UserError(f"--eval-checkpoint {path}: trained on {' '.join(map(str, trained_on))}, not on {task}")
+    return checkpoint
+
+
+def load_weights(module: nn.Module, checkpoint: dict, path: str):
+    """module.load_state_dict(checkpoint's model) once every parameter name and shape agrees: a checkpoint of another
+    network (another script, other flags) is one line naming what differs, not torch's multi-line error."""
+    state = checkpoint["model"] if isinstance(checkpoint["model"], dict) else {}
+    ours = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    theirs = {key: tuple(getattr(value, "shape", ("?",))) for key, value in state.items()}
+    differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differ:
+        raise UserError(f"--eval-checkpoint {path}: written by {checkpoint.get('script', 'another script')}, whose "
+                        f"network differs from the one these flags build (in {', '.join(differ[:3])}"
+                        f"{', ...' * (len(differ) > 3)})")
+    module.load_state_dict(state)
+
+
+def run(args: Args) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
+    tasks, family = resolve_args(args)
+    run_name = args.run_name or f"{tasks[0] if len(tasks) == 1 else 'seq'}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    try:  # a directory that cannot be written is bad input, not a crash (docs/conventions.md, section 10)
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "config.json"), {
+            "args": dataclasses.asdict(args), "tasks": tasks, "family": family, "command": sys.argv,
+            "versions": package_versions(), "git_commit": git_commit(), "start_time": time.time()})
+    except OSError as err:
+        raise UserError(f"--output-dir {args.output_dir}: cannot write {run_dir} ({err.strerror or err})") from None
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+        f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    episodes_file = open(os.path.join(run_dir, "episodes.csv"), "w", newline="")
+    episodes_csv = csv.writer(episodes_file)
+    episodes_csv.writerow(["global_step", "episodic_return", "episodic_length", "task"])
+    if args.least_window:  # stopped episodes' partial returns (docs/sac_least.md, detail 4)
+        stops_file = open(os.path.join(run_dir, "least_stops.csv"), "w", newline="")
+        stops_csv = csv.writer(stops_file)
+        stops_csv.writerow(["global_step", "partial_return", "episodic_length", "task"])
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    if device.type == "cuda":  # CPU kernels used here are deterministic; this call costs ~2 s of imports
+        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
+    rng = np.random.default_rng(args.seed)
+    metrics_rng = np.random.default_rng([args.seed, 1])  # diagnostics draw their own batches: they never change a run
+    start_time = time.time()
+    summary = {"status": "failed", "run_name": run_name, "global_step": 0, "total_timesteps": args.total_timesteps}
+    train_returns, eval_returns = [], []
+    global_step, num_updates = 0, 0
+    least_stops = least_steps_saved = least_ends = 0  # LEAST's counts (summary.json)
+    try:
+        envs = make_env(tasks[0], args.num_envs, env_seeds(args.seed, 0, 0, args.num_envs), args)
+        keys = obs_keys(envs.observation_space)
+        obs_dim = space_size(envs.observation_space, tasks[0])
+        action_low, action_high = envs.action_space.low, envs.action_space.high
+        action_dim = len(action_low)
+        actor = Actor(obs_dim, action_low, action_high).to(device)
+        qf1, qf2 = SoftQNetwork(obs_dim, action_dim).to(device), SoftQNetwork(obs_dim, action_dim).to(device)
+        qf1_target = SoftQNetwork(obs_dim, action_dim).to(device)
+        qf2_target = SoftQNetwork(obs_dim, action_dim).to(device)
+        if args.eval_checkpoint:  # evaluation only
+            checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0], device)
+            if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != ((obs_dim,), action_dim):
+                raise UserError(f"the checkpoint's actor takes observations {tuple(checkpoint['obs_shape'])} and "
+                                f"{checkpoint['n_actions']}-dimensional actions; {tasks[0]} has ({obs_dim},) and "
+                                f"{envs.action_space}")
+            load_weights(actor, checkpoint, args.eval_checkpoint)
+            envs.close()
+            returns = evaluate(actor, tasks[0], args, args.eval_episodes, args.seed, device)
+            summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
+                           checkpoint=args.eval_checkpoint)
+            return summary
+        qf1_target.load_state_dict(qf1.state_dict())
+        qf2_target.load_state_dict(qf2.state_dict())
+        critic_params = list(qf1.parameters()) + list(qf2.parameters())
+        q_optimizer = torch.optim.Adam(critic_params, lr=args.q_lr, fused=True)
+        actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
+        # Automatic entropy tuning (detail 7): alpha = exp(log_alpha), log_alpha starts at 0, Adam with q_lr
+        entropy_target = target_entropy(action_low.shape)
+        log_alpha = torch.zeros(1, requires_grad=True, device=device)
+        a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
+        alpha = log_alpha.exp().item() if args.autotune else args.alpha
+        rb = ReplayBuffer(args.buffer_size, obs_dim, action_dim)
+        stats = EpisodeStats(args.num_envs)
+        least = StopRule(args.num_envs, args.least_window, episode_cap(envs), args.least_omega_scale,
+                         args.least_min_episodes) if args.least_window else None
+        least_begins = max(args.learning_starts, int(args.least_start * args.total_timesteps))
+        random_low, random_high = action_low.astype(np.float32), action_high.astype(np.float32)
+
+        obs = flatten_obs(envs.reset()[0], keys)
+        prev_done = np.zeros(args.num_envs, dtype=bool)  # last step ended an episode: this step is an auto-reset
+        task_index = 0
+        update_credit, next_eval = 0.0, args.eval_every
+        actor_loss = alpha_loss = None
+        qf_loss = torch.tensor(float("nan"))  # LEAST's batch signal before the first critic update
+        while global_step < args.total_timesteps:
+            if len(tasks) > 1 and global_step >= (task_index + 1) * args.steps_per_task:
+                # Task switch (docs/sac.md, detail 9): every stored transition carries its own next observation,
+                # so the replay memory needs no cut; drop unfinished episodes, new env with its own seeds.
+                envs.close()
+                task_index += 1
+                envs = make_env(tasks[task_index], args.num_envs,
+                                env_seeds(args.seed, task_index, 0, args.num_envs), args)
+                obs = flatten_obs(envs.reset()[0], keys)
+                prev_done[:] = False
+                stats = EpisodeStats(args.num_envs)
+                if least is not None:
+                    least.clear()
+                writer.add_scalar("charts/task_index", task_index, global_step)
+                print(f"global_step={global_step}, switching to task {task_index}: {tasks[task_index]}")
+
+            if global_step < args.learning_starts:  # uniform random actions within the bounds (CleanRL)
+                actions = rng.uniform(random_low, random_high, (args.num_envs, action_dim)).astype(np.float32)
+            else:
+                with torch.inference_mode():
+                    actions = actor.get_action(torch.from_numpy(obs).to(device))[0].cpu().numpy()
+
+            next_obs, reward, terminated, truncated, info = envs.step(actions)
+            next_obs = flatten_obs(next_obs, keys)
+            global_step += args.num_envs
+            # Store only real transitions: the step after a done is EnvPool's auto-reset (detail 3)
+            valid = ~prev_done
+            rb.add(obs[valid], next_obs[valid], actions[valid], reward[valid], terminated[valid])
+            _, finished = stats.update(reward, terminated, truncated, info, valid)
+            for _, ep_return, ep_length in finished:
+                train_returns.append(ep_return)
+                episodes_csv.writerow([global_step, ep_return, ep_length, tasks[task_index]])
+                writer.add_scalar("charts/episodic_return", ep_return, global_step)
+                writer.add_scalar("charts/episodic_length", ep_length, global_step)
+            if least is not None:  # LEAST: statistics, stop test, hand resets (docs/sac_least.md, details 1-4)
+                idx = np.flatnonzero(valid)
+                q, g = np.full(len(idx), np.nan, np.float32), np.full(len(idx), np.nan, np.float32)
+                if global_step > args.learning_starts and len(idx):  # no statistic before learning starts
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        q, g = least_statistics(actor, qf1, qf2, qf1_target, qf2_target, *to_torch(
+                            (obs[idx], actions[idx], reward[idx].astype(np.float32),
+                             terminated[idx].astype(np.float32), next_obs[idx]), device), alpha, args.gamma)
+                    if args.least_signal == "batch":
+                        g = np.full(len(idx), qf_loss.item() / 2.0, np.float32)
+                steps = least.record(idx, q, g)
+                ended = (terminated | truncated)[idx]
+                for env in idx[ended]:  # a natural end: the row joins the window, EnvPool auto-resets the env
+                    least.end_episode(env)
+                test = ~ended & (global_step >= least_begins)
+                stopping = least.should_stop(steps[test], q[test], g[test])
+                stop, stop_steps = idx[test][stopping], steps[test][stopping]
+                if len(stop):  # a stop is a truncation: the transition is stored, the env is reset by hand
+                    reset_obs, reset_info = envs.reset(env_id=stop)
+                    next_obs[reset_info["env_id"]] = flatten_obs(reset_obs, keys)
+                    for env, step in zip(stop, stop_steps):
+                        stops_csv.writerow([global_step, float(stats.returns[env]), int(stats.lengths[env]),
+                                            tasks[task_index]])
+                        stats.returns[env], stats.lengths[env] = 0.0, 0
+                        least_steps_saved += least.max_len - 1 - int(step)  # an upper bound: the cap's remaining steps
+                        writer.add_scalar("least/stop_step", int(step), global_step)
+                        least.end_episode(env)
+                least_stops += len(stop)
+                least_ends += int(ended.sum()) + len(stop)
+                if len(stop) or ended.any():
+                    writer.add_scalar("least/stops", least_stops, global_step)
+                    writer.add_scalar("least/stop_rate", least_stops / max(least_ends, 1), global_step)
+                    writer.add_scalar("least/steps_saved", least_steps_saved, global_step)
+            prev_done = terminated | truncated
+            obs = next_obs
+
+            if global_step > args.learning_starts:
+                update_credit += args.replay_ratio * args.num_envs  # detail 6
+                while update_credit >= 1.0 and len(rb) > 0:
+                    update_credit -= 1.0
+                    b_obs, b_actions, b_rewards, b_terminated, b_next_obs = to_torch(
+                        rb.sample(args.batch_size, rng), device)
+                    target = soft_q_target(actor, qf1_target, qf2_target, b_rewards, b_terminated, b_next_obs,
+                                           alpha, args.gamma)
+                    qf1_values, qf2_values = qf1(b_obs, b_actions), qf2(b_obs, b_actions)
+                    qf1_loss, qf2_loss = F.mse_loss(qf1_values, target), F.mse_loss(qf2_values, target)
+                    qf_loss = qf1_loss + qf2_loss
+                    if not math.isfinite(qf_loss.item()):
+                        raise Diverged(f"non-finite critic loss ({qf_loss.item()}) at global_step={global_step}")
+                    q_optimizer.zero_grad(set_to_none=True)
+                    qf_loss.backward()
+                    q_optimizer.step()
+                    num_updates += 1
+
+                    if num_updates % args.policy_frequency == 0:  # delayed actor, repeated to compensate (detail 6)
+                        for p in critic_params:  # the actor loss needs no critic weight gradients (detail 6)
+                            p.requires_grad_(False)
+                        for _ in range(args.policy_frequency):
+                            pi, log_pi, _ = actor.get_action(b_obs)
+                            actor_loss = (alpha * log_pi - torch.min(qf1(b_obs, pi), qf2(b_obs, pi))).mean()
+                            if not math.isfinite(actor_loss.item()):
+                                raise Diverged(f"non-finite actor loss ({actor_loss.item()}) at "
+                                               f"global_step={global_step}")
+                            actor_optimizer.zero_grad(set_to_none=True)
+                            actor_loss.backward()
+                            actor_optimizer.step()
+                            if args.autotune:  # detail 7: a fresh sample from the updated actor
+                                with torch.no_grad():
+                                    _, log_pi, _ = actor.get_action(b_obs)
+                                alpha_loss = (-log_alpha.exp() * (log_pi + entropy_target)).mean()
+                                a_optimizer.zero_grad(set_to_none=True)
+                                alpha_loss.backward()
+                                a_optimizer.step()
+                                alpha = log_alpha.exp().item()
+                        for p in critic_params:
+                            p.requires_grad_(True)
+                    if num_updates % args.target_network_frequency == 0:
+                        soft_update(qf1_target, qf1, args.tau)
+                        soft_update(qf2_target, qf2, args.tau)
+                    if num_updates % args.log_every == 0:
+                        sps = int(global_step / (time.time() - start_time))
+                        writer.add_scalar("losses/qf1_values", qf1_values.mean().item(), global_step)
+                        writer.add_scalar("losses/qf2_values", qf2_values.mean().item(), global_step)
+                        writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
+                        writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
+                        writer.add_scalar("losses/qf_loss", qf_loss.item() / 2.0, global_step)
+                        if actor_loss is not None:
+                            writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
+                        writer.add_scalar("losses/alpha", alpha, global_step)
+                        if alpha_loss is not None:
+                            writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
+                        writer.add_scalar("charts/SPS", sps, global_step)
+                        writer.add_scalar("charts/num_updates", num_updates, global_step)
+                    if args.metrics_every and num_updates % args.metrics_every == 0:
+                        metrics_batch = to_torch(rb.sample(args.metrics_batch_size, metrics_rng), device)
+                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep torch's RNG
+                            metrics = plasticity_metrics(actor, qf1, qf2, qf1_target, qf2_target, metrics_batch, alpha,
+                                                         args.gamma)
+                        for key, value in metrics.items():
+                            writer.add_scalar(key, value, global_step)
+            if args.eval_every and global_step >= next_eval and args.eval_episodes:
+                returns = evaluate(actor, tasks[task_index], args, args.eval_episodes, args.seed + global_step, device)
+                writer.add_scalar("eval/episodic_return", float(np.mean(returns)), global_step)
+                next_eval += args.eval_every
+        envs.close()
+        train_time = time.time() - start_time
+        if args.save_model:
+            model_path = os.path.join(run_dir, "model.pt")
+            torch.save({"script": os.path.basename(__file__),  # named in load_weights' errors
+                        "model": actor.state_dict(), "qf1": qf1.state_dict(), "qf2": qf2.state_dict(),
+                        "log_alpha": float(log_alpha.item()), "obs_shape": [int(obs_dim)],
+                        "n_actions": int(action_dim), "args": dataclasses.asdict(args)}, model_path)
+            summary["model_path"] = model_path
+        if args.eval_episodes:
+            eval_returns = evaluate(actor, tasks[-1], args, args.eval_episodes, args.seed, device)
+            writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), global_step)
+        summary.update(status="completed", sps=int(global_step / train_time))
+    except Diverged as err:
+        summary.update(status="diverged", error=str(err))
+        raise
+    except UserError as err:
+        summary.update(status="failed", error=str(err))
+        raise
+    except Exception as err:
+        summary.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        summary.update(
+            global_step=global_step, num_updates=num_updates, num_episodes=len(train_returns),
+            final_train_return=float(np.mean(train_returns[-10:])) if train_returns else None,
+            eval_returns=summary.get("eval_returns", eval_returns),
+            eval_return_mean=summary.get("eval_return_mean", float(np.mean(eval_returns)) if eval_returns else None),
+            wall_time_s=time.time() - start_time, peak_memory_mb=peak_memory_mb(),
+            peak_gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
+        summary.setdefault("sps", int(global_step / max(time.time() - start_time, 1e-9)))
+        if args.least_window:  # LEAST (docs/sac_least.md, detail 4)
+            summary.update(least_stops=least_stops, least_stop_rate=least_stops / max(least_ends, 1),
+                           least_steps_saved=least_steps_saved)
+            stops_file.close()
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+        episodes_file.close()
+        writer.close()
+    return summary
+
+
+def main():
+    args = tyro.cli(Args)
+    try:
+        summary = run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Diverged as err:
+        print(f"error: run diverged: {err}", file=sys.stderr)
+        sys.exit(3)
+    print(json.dumps({k: summary.get(k) for k in (
+        "status", "global_step", "final_train_return", "eval_return_mean", "sps", "wall_time_s")}))
+
+
+if __name__ == "__main__":
+    main()
