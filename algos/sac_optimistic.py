@@ -150,7 +150,7 @@ class Args:
     actor_width: int = 256
     """hidden width of the actor's two ReLU layers (depth stays 2); 256 is sac.py [paper: small actors, sizes of the
     state-based runs not read; official pixel code (dhruvsreenivas/rl_with_resets@6ea5091): (256, 256) XL, (128, 128)
-    L, (32, 32) M, (8, 8) S]"""
+    L, (32, 32) M, (8, 8) S; reconstruction: depth 2 and a free width for state-based SAC]"""
     critic_width: int = 256
     """hidden width of each critic's two ReLU layers (depth stays 2); 256 is sac.py [official pixel code: (256, 256)
     for every actor size]"""
