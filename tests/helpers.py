@@ -126,8 +126,8 @@ def run_dqn_smoke(module, out_dir, name: str, env_id: str, **changes) -> str:
     return run_in_process(module, out_dir, name, env_id, DQN_SMOKE[env_id], **changes)
 
 
-# A tiny in-process SAC run (Hopper-v4, 300 steps learning from step 100), shared by tests/test_sac_reset.py and
-# tests/test_sac_regrama.py.
+# A tiny in-process SAC run (Hopper-v4, 300 steps learning from step 100), shared by tests/test_sac_reset.py,
+# tests/test_sac_regrama.py and tests/test_sac_optimistic.py.
 SAC_FLAGS = dict(env_id="Hopper-v4", total_timesteps=300, learning_starts=100, buffer_size=1000, batch_size=32,
                  device="cpu", log_every=10, eval_episodes=0, seed=4, torch_threads=1)
 
