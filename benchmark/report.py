@@ -18,6 +18,11 @@ mean of its last `--reach-window` training episodes is at least RETURN (utils/ru
 median over runs and a bootstrap interval per arm and task; runs that never reach it count as never (infinite).
 For claims such as "the student reaches the teacher's return in a fraction of the teacher's steps".
 
+`--keys KEY ...` adds any logged TensorBoard scalar per task (e.g. `eval/episodic_return`, `value/bias`): each run's
+events binned into `--points` windows of its budget (key_curves), a figure `keys` (one row per key, one column per
+task, mean and min-max over runs per arm) and a section `Logged keys` (per key, arms x tasks: the last window's
+mean [min, max] over runs, and how many runs logged it). Runs that never logged a key are counted as missing.
+
 `--published AGENT ...` adds the published per-run Atari 100k scores of DER, DrQ, DrQ_eps, SPR or BBF
 (benchmark/reference/, with provenance) as arms `published:<AGENT>`, only when the protocol matches: every task is
 an Atari 100k game, and every used run's config.json says 100k agent steps and no sticky actions. Otherwise the
@@ -37,7 +42,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import aggregate, scores  # noqa: E402
-from utils.runs import collect, episode_curve, read_flags, read_json, read_scalars, steps_to_reach  # noqa: E402
+from utils.runs import (collect, episode_curve, read_flags, read_json, read_scalars, steps_to_reach,  # noqa: E402
+                        window_means)
 
 # The DQN and PPO families log one network's diagnostics; the SAC family logs them per network (docs/sac.md):
 # a figure shows the keys its runs have.
@@ -175,6 +181,39 @@ def plasticity_curves(used: dict, points: int) -> dict[str, dict[str, tuple[np.n
     return out
 
 
+def key_curves(used: dict, keys: list[str], points: int) -> dict[str, dict[str, dict[str, tuple]]]:
+    """{key: {task: {arm: (steps, (runs that logged it, points) binned values, runs used)}}} for logged scalars
+    such as eval/episodic_return: each run's events binned into `points` windows of its budget (window_means: mean
+    of the events in a window, an empty window carries the previous value forward, the leading empty ones NaN).
+    Every (task, arm) with runs has an entry, with 0 rows where none logged the key (key_logged tells whether any
+    did). The steps are those of the largest budget of the arm's runs on the task, as task_curves gives them."""
+    binned = {key: defaultdict(lambda: defaultdict(list)) for key in keys}  # key -> task -> arm -> [curve]
+    runs, totals = defaultdict(int), defaultdict(list)  # (task, arm) -> runs used, budgets
+    for arm, rows in used.items():
+        for r in rows:
+            total = read_json(os.path.join(r["dir"], "summary.json"))["total_timesteps"]
+            runs[(r["env_id"], arm)] += 1
+            totals[(r["env_id"], arm)].append(total)
+            scalars = read_scalars(r["dir"])
+            for key in keys:
+                events = scalars.get(key)
+                if events:
+                    curve = window_means([e.step for e in events], [e.value for e in events], total, points)
+                    binned[key][r["env_id"]][arm].append(np.array(curve, dtype=float))  # None -> NaN
+    out = {key: defaultdict(dict) for key in keys}
+    for (t, arm), n in sorted(runs.items()):
+        total = max(totals[(t, arm)])
+        for key in keys:
+            curves = np.array(binned[key][t][arm], dtype=float).reshape(-1, points)
+            out[key][t][arm] = (np.linspace(total / points, total, points), curves, n)
+    return {key: dict(per_task) for key, per_task in out.items()}
+
+
+def key_logged(per_task: dict) -> bool:
+    """Whether any run logged a key (one key's entry of key_curves)."""
+    return any(len(c) for per_arm in per_task.values() for _, c, _ in per_arm.values())
+
+
 def save(fig, out: str, name: str) -> list[str]:
     paths = []
     for ext in ("png", "pdf"):
@@ -185,11 +224,12 @@ def save(fig, out: str, name: str) -> list[str]:
 
 
 def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", metrics=aggregate.METRICS,
-            per_task=None) -> list[str]:
+            per_task=None, keys=None, tasks=()) -> list[str]:
     """Write the figures; returns their paths. With `per_task` (task_curves, for a group of several tasks scored in
     raw returns) the figures that pool tasks (aggregates, performance profile, sample-efficiency curves) are
     replaced by per_task_curves: one panel per task, mean training return over runs per arm with the min-max band.
-    `poi` keys are "X,Y" pairs, or (task, "X,Y") for per-task probabilities of improvement."""
+    `poi` keys are "X,Y" pairs, or (task, "X,Y") for per-task probabilities of improvement. `keys` (key_curves)
+    adds the figure `keys` (key_figure) over the group's `tasks`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +290,40 @@ def figures(out, matrices, agg, curves, steps, plast, poi, label, prefix="", met
         ax.set_xlabel("probability of improvement")
         written += save(fig, out, prefix + "probability_of_improvement")
         plt.close(fig)
+    if keys and any(key_logged(per_task) for per_task in keys.values()):
+        written += key_figure(plt, out, keys, list(matrices), tasks, prefix)
     return written
+
+
+def key_figure(plt, out, keys: dict, arms: list[str], tasks: list[str], prefix: str) -> list[str]:
+    """The figure `keys`: one row per logged key (key_curves; keys no run logged are left out), one column per task,
+    per arm the mean over the runs that logged the key (line) and their min-max band. Leading windows before a
+    run's first event are NaN and left out of the mean and band (a gap before the first point)."""
+    logged = {key: per_task for key, per_task in keys.items() if key_logged(per_task)}
+    fig, axes = plt.subplots(len(logged), len(tasks), figsize=(4.5 * len(tasks), 3.5 * len(logged)), squeeze=False)
+    colour = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+    for row, (key, per_task) in zip(axes, logged.items()):
+        for ax, t in zip(row, tasks):
+            for arm, (s, c, _) in per_task.get(t, {}).items():
+                if not len(c):
+                    continue
+                with warnings.catch_warnings():  # a window before every run's first event stays NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean, lo, hi = np.nanmean(c, axis=0), np.nanmin(c, axis=0), np.nanmax(c, axis=0)
+                ax.plot(s, mean, marker=".", color=colour[arm], label=f"{arm} ({len(c)} runs)")
+                ax.fill_between(s, lo, hi, color=colour[arm], alpha=0.2)
+            ax.set_title(f"{key} on {t}", fontsize="medium")
+            ax.set_xlabel("environment steps")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # long step counts would overlap
+            if ax.has_data():
+                ax.legend(fontsize="small")
+            else:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("mean over runs (line), min-max over runs (band)", fontsize="medium")
+    fig.tight_layout()
+    paths = save(fig, out, prefix + "keys")
+    plt.close(fig)
+    return paths
 
 
 def pooled_figures(plt, out, matrices, agg, curves, steps, label, prefix, metrics) -> list[str]:
@@ -380,8 +453,38 @@ def reach_lines(used: dict, tasks: list[str], reach: dict[str, float], window: i
     return lines
 
 
+def key_lines(keys: dict, arms: list[str], tasks: list[str], h: str) -> list[str]:
+    """The "Logged keys" section: per key (key_curves), a table of arms x tasks whose cell is the mean over runs of
+    the last window's value, [min, max] over runs, and the runs that logged the key out of the runs used; the runs
+    that never logged it are counted as missing. A key no run logged is one line."""
+    lines = [f"{h} Logged keys", "",
+             "Each run's logged values averaged within equal windows of its budget (an empty window keeps the previous "
+             "window's value); per cell, the last window's value: mean over runs [min, max over runs], and the runs "
+             "that logged the key out of the runs used (the others are missing: left out of mean, min and max).", ""]
+    for key, per_task in keys.items():
+        if not key_logged(per_task):
+            lines += [f"{key}: logged by no run.", ""]
+            continue
+        lines += [f"`{key}`:", "", "| arm | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        missing = 0
+        for arm in arms:
+            cells = []
+            for t in tasks:
+                if arm not in per_task.get(t, {}):  # no run of the arm on the task (not expected in a group)
+                    cells.append("—")
+                    continue
+                _, c, n = per_task[t][arm]
+                missing += n - len(c)
+                last = c[:, -1]
+                cells.append((f"{fmt((last.mean(), last.min(), last.max()))} " if len(c) else "— ")
+                             + f"({len(c)}/{n} runs)")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += ["", f"Runs that did not log `{key}` (missing): {missing}.", ""]
+    return lines[:-1]
+
+
 def section(rows, out, compare, reps, seed, points, make_figures, published, prefix="", depth=2, reach=None,
-            reach_window=10):
+            reach_window=10, keys=()):
     """The report body for one task group: (markdown lines, excluded (row, reason) pairs, runs used)."""
     h = "#" * depth
     group = {r["arm"] for r in rows}
@@ -446,20 +549,25 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
         lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
     if reach:
         lines += [""] + reach_lines(used, tasks, reach, reach_window, reps, seed, h)
+    logged = key_curves(used, list(keys), points) if keys else None
+    if logged:
+        lines += [""] + key_lines(logged, list(used), tasks, h)
     if make_figures:
         curves, steps = (None, None) if per_task else curve_matrices(used, tasks, normalise, points)
         written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix,
-                          metrics, per_task=task_curves(used, tasks, points) if per_task else None)
+                          metrics, per_task=task_curves(used, tasks, points) if per_task else None, keys=logged,
+                          tasks=tasks)
         lines += ["", f"{h} Figures", ""] + [f"- `{os.path.basename(p)}`" for p in written if p.endswith(".png")]
     return lines, excluded, sum(len(v) for v in used.values())
 
 
 def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
            points: int = 10, make_figures: bool = True, published: list[str] = (), reach: dict | None = None,
-           reach_window: int = 10) -> str:
+           reach_window: int = 10, keys: list[str] | None = None) -> str:
     """Write report.md (and figures) for a suite directory. Arms run on different task sets are reported in
     separate sections, one per task group (task_groups), each with its own aggregates, figures (file names
-    prefixed g1_, g2_, ...) and comparisons; a comparison between arms of different groups is skipped with a note."""
+    prefixed g1_, g2_, ...) and comparisons; a comparison between arms of different groups is skipped with a note.
+    `keys`: logged scalars reported per task (key_curves, key_lines, key_figure)."""
     t0 = time.time()
     out = out or suite_dir
     os.makedirs(out, exist_ok=True)
@@ -480,7 +588,7 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
             body += [f"## Group {k + 1}: {', '.join(arms)}", ""]
         lines, ex, n = section(group_rows, out, compare, reps, seed, points, make_figures, published,
                                prefix=f"g{k + 1}_" if len(groups) > 1 else "", depth=3 if len(groups) > 1 else 2,
-                               reach=reach, reach_window=reach_window)
+                               reach=reach, reach_window=reach_window, keys=keys or ())
         body += lines + [""]
         excluded += ex
         n_used += n
@@ -527,12 +635,16 @@ def main():
                         help="RETURN (every task) or TASK=RETURN ...: report the steps each run takes to reach it")
     parser.add_argument("--reach-window", type=int, default=10,
                         help="training episodes averaged by --reach (the first this many - 1 never count alone)")
+    parser.add_argument("--keys", nargs="+", default=[], metavar="KEY",
+                        help="logged TensorBoard scalars (e.g. eval/episodic_return value/bias) to report per task: "
+                             "a curve per arm and the last window's value over runs")
     args = parser.parse_args()
     check_suite_dir(args.suite_dir)
     if args.reach_window < 1:
         raise SystemExit("error: --reach-window must be >= 1")
     print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points,
-                 published=args.published, reach=parse_reach(args.reach), reach_window=args.reach_window))
+                 published=args.published, reach=parse_reach(args.reach), reach_window=args.reach_window,
+                 keys=args.keys))
 
 
 if __name__ == "__main__":

@@ -292,3 +292,91 @@ def test_bad_reach_arguments(values, fragment):
         report.parse_reach(values)
     assert report.parse_reach(["MinAtar/Breakout=12.5"]) == {"MinAtar-Breakout": 12.5}
     assert report.parse_reach(["7"]) == {"*": 7.0}
+
+
+def write_scalars(run_dir, key, steps, values):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    for step, value in zip(steps, values):
+        writer.add_scalar(key, value, step)
+    writer.close()
+
+
+def test_key_curve_binning_by_hand(tmp_path):
+    """--keys bins a run's events into --points windows of [0, its total_timesteps]: mean in a window, an empty
+    window carries the previous value forward, the windows before the first event are NaN, step = total is last."""
+    from utils.runs import window_means
+
+    runs = tmp_path / "runs"
+    run_dir = write_run(str(runs), "arm", "CartPole-v1", 1, 1.0, total=1000)
+    # windows of 200 steps: [0, 200) [200, 400) [400, 600) [600, 800) [800, 1000]
+    write_scalars(run_dir, "eval/episodic_return", [450, 550, 590, 1000], [2.0, 4.0, 6.0, 10.0])
+    rows = collect(str(runs))
+    curves = report.key_curves({"arm": rows}, ["eval/episodic_return", "value/bias"], 5)
+    steps, c, n = curves["eval/episodic_return"]["CartPole-v1"]["arm"]
+    assert steps.tolist() == [200, 400, 600, 800, 1000] and n == 1
+    np.testing.assert_array_equal(c, [[np.nan, np.nan, 4.0, 4.0, 10.0]])  # (2 + 4 + 6) / 3, carried, last
+    steps, c, n = curves["value/bias"]["CartPole-v1"]["arm"]  # not logged: no row, the run still counted
+    assert c.shape == (0, 5) and n == 1 and not report.key_logged(curves["value/bias"])
+    assert window_means([0, 999, 1000, 5000], [1.0, 2.0, 3.0, 4.0], 1000, 2) == [1.0, 3.0]
+    assert window_means([], [], 1000, 3) == [None, None, None]
+
+
+def keys_suite(tmp_path):
+    """2 arms x 2 tasks x 3 seeds logging value/bias at steps 100, 800, 1000 (values -5, a, a + 2; last window of
+    4 over 1000 steps: [750, 1000], mean a + 1), except method on Acrobot-v1 seed 3, which never logs it."""
+    runs = tmp_path / "keys" / "runs"
+    last = {}
+    for i, arm in enumerate(("base", "method")):
+        for j, t in enumerate(TASKS):
+            for seed in (1, 2, 3):
+                run_dir = write_run(str(runs), arm, t, seed, 50.0 + seed)
+                if (arm, t, seed) == ("method", "Acrobot-v1", 3):
+                    continue
+                a = 10.0 * i + 100.0 * j + seed
+                write_scalars(run_dir, "value/bias", [100, 800, 1000], [-5.0, a, a + 2])
+                last[(arm, t, seed)] = a + 1
+    return str(tmp_path / "keys"), last
+
+
+def test_logged_keys_table_by_hand(tmp_path):
+    suite_dir, last = keys_suite(tmp_path)
+    keys = ["value/bias", "least/stop_rate"]
+    text = open(report.report(suite_dir, str(tmp_path / "k"), reps=100, points=4, make_figures=False,
+                              keys=keys)).read()
+    plain = open(report.report(suite_dir, str(tmp_path / "p"), reps=100, points=4, make_figures=False)).read()
+    lines = text.splitlines()
+    assert "## Logged keys" in lines and "least/stop_rate: logged by no run." in lines
+    assert "| arm | Acrobot-v1 | CartPole-v1 |" in lines  # tasks sorted as in the per-task table
+    for arm in ("base", "method"):
+        cells = []
+        for t in sorted(TASKS):
+            x = np.array([last[(arm, t, s)] for s in (1, 2, 3) if (arm, t, s) in last])
+            cells.append(f"{x.mean():.3f} [{x.min():.3f}, {x.max():.3f}] ({len(x)}/3 runs)")
+        assert f"| {arm} | " + " | ".join(cells) + " |" in lines, (arm, cells)
+    assert "| method | 112.500 [112.000, 113.000] (2/3 runs) |" in text  # Acrobot: a = 111, 112; a + 1
+    assert "Runs that did not log `value/bias` (missing): 1." in lines
+    # without --keys the report is the same, less the section
+    strip = lambda s: [x for x in s.splitlines() if not x.startswith("Report built")]  # noqa: E731
+    start = lines.index("## Logged keys")
+    end = start + next(k for k, x in enumerate(lines[start + 1:], 1) if x.startswith("## "))
+    assert strip("\n".join(lines[:start - 1] + lines[end - 1:])) == strip(plain)
+    assert "Logged keys" not in plain
+
+
+def test_keys_figure_per_group_from_the_command_line(tmp_path, monkeypatch):
+    suite_dir, _ = keys_suite(tmp_path)
+    run_dir = write_run(os.path.join(suite_dir, "runs"), "sac", "Pendulum-v1", 1, -200.0)  # a second task group
+    write_scalars(run_dir, "value/bias", [500], [0.5])
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["report", suite_dir, "--out", str(out), "--reps", "50", "--points", "4",
+                                      "--keys", "value/bias", "eval/episodic_return"])
+    report.main()
+    text = (out / "report.md").read_text()
+    assert text.count("### Logged keys") == 2 and text.count("eval/episodic_return: logged by no run.") == 2
+    assert "| sac | 0.500 [0.500, 0.500] (1/1 runs) |" in text  # step 500 of 1000: window 3 of 4, carried to 4
+    for name in ("g1_keys", "g2_keys"):
+        for ext in ("png", "pdf"):
+            assert os.path.getsize(out / f"{name}.{ext}") > 1000, name
+    assert "- `g1_keys.png`" in text.splitlines()

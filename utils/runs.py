@@ -82,21 +82,30 @@ def collect(runs_dir: str) -> list[dict]:
     return rows
 
 
+def window_means(steps: list[int], values: list[float], total_steps: int, points: int) -> list[float | None]:
+    """Mean of the values whose step falls in each of `points` equal windows of [0, total_steps] (a step at or past
+    total_steps counts in the last); an empty window takes the previous window's value, the leading empty ones are
+    None (no value yet). The binning of episode_curve and of the report's --keys curves."""
+    sums, counts = [0.0] * points, [0] * points
+    for step, value in zip(steps, values):
+        k = min(points - 1, int(step * points / max(total_steps, 1)))
+        sums[k] += value
+        counts[k] += 1
+    out, last = [], None
+    for s, c in zip(sums, counts):
+        last = s / c if c else last
+        out.append(last)
+    return out
+
+
 def episode_curve(run_dir: str, total_steps: int, points: int) -> list[float] | None:
     """Mean return of the episodes ending in each of `points` equal windows of [0, total_steps]; an empty window
     takes the previous window's value (the first ones the first available value). None if no episode ended."""
     _, rows = read_csv(os.path.join(run_dir, "episodes.csv"))
     if not rows:
         return None
-    sums, counts = [0.0] * points, [0] * points
-    for r in rows:
-        k = min(points - 1, int(int(r["global_step"]) * points / max(total_steps, 1)))
-        sums[k] += float(r["episodic_return"])
-        counts[k] += 1
-    values, last = [], None
-    for s, c in zip(sums, counts):
-        last = s / c if c else last
-        values.append(last)
+    values = window_means([int(r["global_step"]) for r in rows], [float(r["episodic_return"]) for r in rows],
+                          total_steps, points)
     first = next(v for v in values if v is not None)
     return [first if v is None else v for v in values]
 
