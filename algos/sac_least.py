@@ -16,7 +16,7 @@ that transition (buffer B_G). At step i of a running episode with estimate Q_i a
 A stopped episode is a time-limit-like truncation, never a termination: its last transition is stored as usual
 (bootstrapped from its true next observation) and the environment is reset by hand.
 
-Differences from the base script (sac.py), all in docs/sac_least.md ("Implementation details"):
+Differences from the base script (`diff algos/sac.py algos/sac_least.py` shows exactly these; docs/sac_least.md):
   - the LEAST flags (--least-window, --least-start, --least-omega-scale, --least-min-episodes);
   - class StopRule (the per-step buffers over the last K episodes, the thresholds and the stop test) and
     least_statistics (Q and TD loss of the transitions just collected, in a forked RNG so training draws the same
@@ -30,6 +30,7 @@ the TD loss of the collected transition under the current critics, the coefficie
 episodes per step, and the paper's two extras (entropy-aware growth of K, a sigmoid exploration-noise schedule)
 are left out.
 
+Base script: algos/sac.py (SAC with CleanRL's sac_continuous_action defaults; docs/sac.md).
 Docs: docs/sac_least.md. Conventions every script follows: docs/conventions.md.
 """
 

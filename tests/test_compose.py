@@ -64,7 +64,7 @@ PAIRS = [(base, a, b) for base, members in sorted(FAMILIES.items()) for a, b in 
 # test_dqn_gap.py, test_dqn_hlgauss.py, test_dqn_reset.py, test_dqn_softmoe.py, test_dqn_pruning.py, test_dqn_rigl.py,
 # test_dqn_mico.py, test_dqn_qdagger.py, test_dqn_cchain.py, test_ppo_gtr.py, test_ppo_simplicial.py,
 # test_ppo_cchain.py, test_ppo_regrama.py, test_sac_reset.py, test_sac_simplicial.py, test_sac_regrama.py,
-# test_sac_optimistic.py; ReDo has no off switch but a recycle that never fires).
+# test_sac_optimistic.py, test_sac_least.py; ReDo has no off switch but a recycle that never fires).
 # A new intervention script needs an entry here.
 OFF = {
     "dqn_redo.py": dict(redo_period=10**9),
@@ -85,6 +85,7 @@ OFF = {
     "sac_reset.py": dict(reset_every=0),
     "sac_regrama.py": dict(regrama_tau=-1.0),
     "sac_optimistic.py": dict(),  # the defaults (256-wide actor and critics, min target) are sac.py's
+    "sac_least.py": dict(least_window=0),
 }
 
 

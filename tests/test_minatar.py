@@ -262,6 +262,7 @@ def test_minatar_runs_are_deterministic(tmp_path, script):
     ("sac_reset", ["--env-id", "MinAtar/Asterix"], ("discrete actions",)),
     ("sac_regrama", ["--env-id", "MinAtar/Freeway"], ("discrete actions",)),
     ("sac_optimistic", ["--env-id", "MinAtar/Breakout"], ("discrete actions",)),
+    ("sac_least", ["--env-id", "MinAtar/SpaceInvaders"], ("discrete actions",)),
 ])
 def test_bad_minatar_input_is_a_one_line_error(tmp_path, script, args, fragments):
     proc = run_script(script_path(script), [*args, "--output-dir", tmp_path], cwd=tmp_path)
