@@ -7,8 +7,9 @@ and two paper notes); the paper's body, algorithm box and hyperparameter tables 
 that those sources do not state is marked [reconstruction] here, in --help and in docs/sac_least.md.
 
 Method: sac.py whose data collection may end an episode early. Per episode step i the agent keeps, over the last K
-finished episodes, the critic's value estimate Q(s_i, a_i) (buffer B_Q) and its learning signal, the TD loss of
-that transition (buffer B_G). At step i of a running episode with estimate Q_i and TD loss G_i:
+finished episodes, the critic's value estimate Q(s_i, a_i) (buffer B_Q) and the critic's learning signal, a TD
+loss (buffer B_G; by default the loss of the critics' latest update). At step i of a running episode with estimate
+Q_i and signal G_i:
     epsilon_i = median(B_Q[:, i])                     (the quality threshold at step i)
     omega_i   = c * median(B_G[:, i]) / G_i            (learning potential: a large current G_i is lenient)
     stop if Q_i < omega_i * epsilon_i   when epsilon_i >= 0,
@@ -17,18 +18,18 @@ A stopped episode is a time-limit-like truncation, never a termination: its last
 (bootstrapped from its true next observation) and the environment is reset by hand.
 
 Differences from the base script (`diff algos/sac.py algos/sac_least.py` shows exactly these; docs/sac_least.md):
-  - the LEAST flags (--least-window, --least-start, --least-omega-scale, --least-min-episodes);
-  - class StopRule (the per-step buffers over the last K episodes, the thresholds and the stop test) and
-    least_statistics (Q and TD loss of the transitions just collected, in a forked RNG so training draws the same
-    random numbers);
+  - the LEAST flags (--least-window, --least-start, --least-omega-scale, --least-signal, --least-min-episodes);
+  - class StopRule (the per-step buffers over the last K episodes, the thresholds and the stop test),
+    make_stop_rule, and least_statistics (Q, and with --least-signal sample the TD loss, of the transitions just
+    collected, in a forked RNG so training draws the same random numbers);
   - in the collection loop: the statistics, the stop test, the hand reset of stopped environments, their partial
     episodes written to least_stops.csv (not episodes.csv, which keeps episodes that ended by themselves), and the
-    least/ logs; the window is cleared at a task switch;
+    least/ logs; a new (empty) StopRule at a task switch;
   - --least-window 0 is sac.py exactly (no statistic is computed).
-Reconstructed or simplified (docs/sac_least.md, "Deviations"): which Q (the min of the twin online critics), G as
-the TD loss of the collected transition under the current critics, the coefficient c, the minimum count of
-episodes per step, and the paper's two extras (entropy-aware growth of K, a sigmoid exploration-noise schedule)
-are left out.
+Reconstructed (docs/sac_least.md, "Deviations"): which Q (the min of the twin online critics), which TD loss is
+G (the critics' latest update by default, or the collected transition's), where the coefficient c enters, and the
+minimum count of episodes per step. Left out: the paper's two extras (an entropy-aware growth of K, a sigmoid
+exploration-noise schedule).
 
 Base script: algos/sac.py (SAC with CleanRL's sac_continuous_action defaults; docs/sac.md).
 Docs: docs/sac_least.md. Conventions every script follows: docs/conventions.md.
@@ -550,7 +551,8 @@ class StopRule:
         return steps
 
     def thresholds(self, steps: np.ndarray):
-        """(epsilon, median of B_G, number of window episodes with a value) at each of `steps`."""
+        """(epsilon, median of B_G, number of window episodes with a value) at each of `steps` (a step past the cap
+        reads the last column; should_stop never tests it)."""
         steps = np.minimum(steps, self.max_len - 1)
         q_cols, g_cols = self.b_q[:, steps], self.b_g[:, steps]  # (K, len(steps))
         count = np.isfinite(q_cols).sum(axis=0)
@@ -562,44 +564,40 @@ class StopRule:
         """The stop test at episode `steps` for estimates `q` and TD losses `g` (one per environment tested)."""
         epsilon, g_median, count = self.thresholds(steps)
         omega = self.omega_scale * g_median / np.maximum(g, 1e-8)
-        with np.errstate(divide="ignore", invalid="ignore"):  # omega = 0 (a zero median) makes the bar -inf
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero median: bar 0 (epsilon >= 0) or -inf
             bar = np.where(epsilon >= 0, omega * epsilon, epsilon / omega)
-        return (count >= self.min_episodes) & (q < bar)  # NaN thresholds (count 0) compare False
+        # NaN thresholds (count 0) compare False; a step past the cap has no column and is never tested
+        return (steps < self.max_len) & (count >= self.min_episodes) & (q < bar)
 
     def end_episode(self, env: int):
         """Move env's finished episode into the window (evicting the oldest once full) and start a fresh row."""
         self.b_q[self.next_row], self.b_g[self.next_row] = self.cur_q[env], self.cur_g[env]
         self.next_row = (self.next_row + 1) % self.window
         self.stored = min(self.stored + 1, self.window)
-        self.drop_episode(env)
-
-    def drop_episode(self, env: int):
-        """Forget env's unfinished episode (a task switch)."""
         self.cur_q[env], self.cur_g[env] = np.nan, np.nan
         self.step[env] = 0
 
-    def clear(self):
-        """Empty the window and every row in progress (a task switch: another task's values set no threshold)."""
-        self.b_q[:], self.b_g[:] = np.nan, np.nan
-        self.next_row, self.stored = 0, 0
-        for env in range(len(self.step)):
-            self.drop_episode(env)
 
-
-def episode_cap(envs) -> int:
-    """The episode cap in agent steps, L (EnvPool's max_episode_steps, or --max-episode-steps when given)."""
-    return int(envs.spec.config.max_episode_steps)
+def make_stop_rule(args: Args, envs) -> Optional[StopRule]:
+    """An empty StopRule for these envs (None with --least-window 0); L is the episode cap in agent steps (EnvPool's
+    max_episode_steps, or --max-episode-steps when given)."""
+    if not args.least_window:
+        return None
+    return StopRule(args.num_envs, args.least_window, int(envs.spec.config.max_episode_steps),
+                    args.least_omega_scale, args.least_min_episodes)
 
 
 @torch.no_grad()
 def least_statistics(actor, qf1, qf2, qf1_target, qf2_target, obs, actions, rewards, terminated, next_obs,
-                     alpha: float, gamma: float):
+                     alpha: float, gamma: float, signal: str = "sample"):
     """Q_i = min(Q1, Q2)(s_i, a_i) of the online critics and G_i = the mean of the two critics' squared TD errors on
     the transition just collected, against sac.py's soft target (detail 2) [reconstruction: the notes name "the
     predicted Q-value" and "the critic's gradient magnitude, or equivalently the TD loss" without saying which critic
     or when]. The target samples a' from the actor: the caller runs this in a forked RNG."""
-    target = soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
     q1, q2 = qf1(obs, actions), qf2(obs, actions)
+    if signal == "batch":  # G_i is the critics' latest TD loss, taken by the caller
+        return torch.min(q1, q2).cpu().numpy(), None
+    target = soft_q_target(actor, qf1_target, qf2_target, rewards, terminated, next_obs, alpha, gamma)
     g = 0.5 * ((q1 - target) ** 2 + (q2 - target) ** 2)
     return torch.min(q1, q2).cpu().numpy(), g.cpu().numpy()
 
@@ -710,7 +708,8 @@ def run(args: Args) -> dict:
     episodes_file = open(os.path.join(run_dir, "episodes.csv"), "w", newline="")
     episodes_csv = csv.writer(episodes_file)
     episodes_csv.writerow(["global_step", "episodic_return", "episodic_length", "task"])
-    if args.least_window:  # stopped episodes' partial returns (docs/sac_least.md, detail 4)
+    stops_file = None
+    if args.least_window and not args.eval_checkpoint:  # stopped episodes' partial returns (docs/sac_least.md, detail 4)
         stops_file = open(os.path.join(run_dir, "least_stops.csv"), "w", newline="")
         stops_csv = csv.writer(stops_file)
         stops_csv.writerow(["global_step", "partial_return", "episodic_length", "task"])
@@ -766,8 +765,7 @@ def run(args: Args) -> dict:
         alpha = log_alpha.exp().item() if args.autotune else args.alpha
         rb = ReplayBuffer(args.buffer_size, obs_dim, action_dim)
         stats = EpisodeStats(args.num_envs)
-        least = StopRule(args.num_envs, args.least_window, episode_cap(envs), args.least_omega_scale,
-                         args.least_min_episodes) if args.least_window else None
+        least = make_stop_rule(args, envs)
         least_begins = max(args.learning_starts, int(args.least_start * args.total_timesteps))
         random_low, random_high = action_low.astype(np.float32), action_high.astype(np.float32)
 
@@ -788,8 +786,7 @@ def run(args: Args) -> dict:
                 obs = flatten_obs(envs.reset()[0], keys)
                 prev_done[:] = False
                 stats = EpisodeStats(args.num_envs)
-                if least is not None:
-                    least.clear()
+                least = make_stop_rule(args, envs)  # LEAST: another task's values set no threshold (detail 1)
                 writer.add_scalar("charts/task_index", task_index, global_step)
                 print(f"global_step={global_step}, switching to task {task_index}: {tasks[task_index]}")
 
@@ -818,8 +815,9 @@ def run(args: Args) -> dict:
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         q, g = least_statistics(actor, qf1, qf2, qf1_target, qf2_target, *to_torch(
                             (obs[idx], actions[idx], reward[idx].astype(np.float32),
-                             terminated[idx].astype(np.float32), next_obs[idx]), device), alpha, args.gamma)
-                    if args.least_signal == "batch":
+                             terminated[idx].astype(np.float32), next_obs[idx]), device), alpha, args.gamma,
+                            args.least_signal)
+                    if args.least_signal == "batch":  # detail 2: the TD loss of the critics' latest update
                         g = np.full(len(idx), qf_loss.item() / 2.0, np.float32)
                 steps = least.record(idx, q, g)
                 ended = (terminated | truncated)[idx]
@@ -835,7 +833,7 @@ def run(args: Args) -> dict:
                         stops_csv.writerow([global_step, float(stats.returns[env]), int(stats.lengths[env]),
                                             tasks[task_index]])
                         stats.returns[env], stats.lengths[env] = 0.0, 0
-                        least_steps_saved += least.max_len - 1 - int(step)  # an upper bound: the cap's remaining steps
+                        least_steps_saved += least.max_len - 1 - int(step)  # an upper bound: the cap's remaining steps (detail 5)
                         writer.add_scalar("least/stop_step", int(step), global_step)
                         least.end_episode(env)
                 least_stops += len(stop)
@@ -946,7 +944,7 @@ def run(args: Args) -> dict:
             wall_time_s=time.time() - start_time, peak_memory_mb=peak_memory_mb(),
             peak_gpu_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
         summary.setdefault("sps", int(global_step / max(time.time() - start_time, 1e-9)))
-        if args.least_window:  # LEAST (docs/sac_least.md, detail 4)
+        if stops_file is not None:  # LEAST (docs/sac_least.md, detail 5)
             summary.update(least_stops=least_stops, least_stop_rate=least_stops / max(least_ends, 1),
                            least_steps_saved=least_steps_saved)
             stops_file.close()

@@ -111,8 +111,15 @@ def test_envs_fill_their_own_rows_and_only_finished_episodes_count(mod):
     epsilon, _, count = rule.thresholds(np.array([0, 1]))
     assert epsilon.tolist() == [2.0, 3.0] and count.tolist() == [1, 1]  # env 1's episode only
     assert rule.step.tolist() == [1, 0] and np.isnan(rule.cur_q[1]).all() and rule.cur_q[0, 0] == 1.0
-    rule.clear()
-    assert rule.stored == 0 and rule.thresholds(np.array([0]))[2].tolist() == [0] and rule.step.tolist() == [0, 0]
+
+
+def test_steps_past_the_cap_are_neither_recorded_nor_tested(mod):
+    rule = rule_with(mod, [[(5.0, 1.0), (5.0, 1.0)]], max_len=2)
+    for _ in range(3):  # steps 0, 1 and 2 of a running episode: step 2 is past the cap
+        steps = rule.record(np.array([0]), np.array([9.0], np.float32), np.ones(1, np.float32))
+    assert steps.tolist() == [2] and rule.cur_q[0].tolist() == [9.0, 9.0]
+    q, g = np.array([-1.0, -1.0], np.float32), np.ones(2, np.float32)
+    assert rule.should_stop(np.array([1, 2]), q, g).tolist() == [True, False]
 
 
 def test_statistics_are_the_min_q_and_the_mean_squared_td_error(mod):
@@ -130,6 +137,11 @@ def test_statistics_are_the_min_q_and_the_mean_squared_td_error(mod):
         q1, q2 = nets[0](obs, actions), nets[1](obs, actions)
     np.testing.assert_allclose(q, torch.min(q1, q2).numpy(), rtol=1e-6)
     np.testing.assert_allclose(g, (((q1 - target) ** 2 + (q2 - target) ** 2) / 2).numpy(), rtol=1e-5)
+    # the batch signal takes G from the critics' update: only Q is computed, and nothing is drawn
+    state = torch.get_rng_state()
+    q_batch, g_batch = mod.least_statistics(actor, *nets, obs, actions, rewards, terminated, next_obs, 0.2, 0.9,
+                                            "batch")
+    assert g_batch is None and np.array_equal(q_batch, q) and torch.equal(torch.get_rng_state(), state)
 
 
 class RecordingBuffer:
@@ -143,7 +155,7 @@ class RecordingBuffer:
         add = buffer.add
 
         def recording_add(obs, next_obs, actions, rewards, terminated):
-            self.calls.append((np.array(obs), np.array(next_obs), np.array(terminated)))
+            self.calls.append((np.array(obs), np.array(next_obs), np.array(terminated), np.array(rewards)))
             add(obs, next_obs, actions, rewards, terminated)
         buffer.add = recording_add
         return buffer
@@ -166,7 +178,7 @@ def test_a_stopped_episode_is_stored_as_a_truncation_and_its_env_restarts(mod, t
     assert summary["least_stops"] == len(stops) > 10
     stop_steps = {int(r["global_step"]) for r in stops}
     starts = 0
-    for k, (obs, next_obs, terminated) in enumerate(recorder.calls[:-1]):
+    for k, (obs, next_obs, terminated, _) in enumerate(recorder.calls[:-1]):
         if len(obs) == 0:
             continue  # EnvPool's auto-reset step after a natural end (never stored)
         step = k + 1  # num_envs 1: the k-th vector step is global step k + 1
@@ -178,32 +190,99 @@ def test_a_stopped_episode_is_stored_as_a_truncation_and_its_env_restarts(mod, t
         elif terminated[0] == 0.0 and len(following):
             assert np.array_equal(following[0], next_obs[0])  # an episode goes on where it was
     assert starts == len([s for s in stop_steps if s < len(recorder.calls)])
-    # every agent step is in exactly one finished episode (episodes.csv or least_stops.csv) or the one in progress
-    lengths = sum(int(r["episodic_length"]) for r in stops) + \
-        sum(int(r["episodic_length"]) for r in read_rows(os.path.join(run_dir, "episodes.csv")))
-    stored = sum(len(c[0]) for c in recorder.calls)
-    assert lengths <= stored and stored - lengths < 300
+    # every agent step is in exactly one finished episode (episodes.csv or least_stops.csv) or the one in progress,
+    # and so is every reward: the partial returns are the stopped episodes' own
+    episodes = read_rows(os.path.join(run_dir, "episodes.csv"))
+    rows = [(k + 1, c) for k, c in enumerate(recorder.calls) if len(c[0])]
+    last_end = max(step for step, c in rows if step in stop_steps or c[2][0] == 1.0)
+    in_progress = [c for step, c in rows if step > last_end]
+    lengths = sum(int(r["episodic_length"]) for r in stops + episodes)
+    assert lengths + len(in_progress) == len(rows)
+    returns = sum(float(r["partial_return"]) for r in stops) + sum(float(r["episodic_return"]) for r in episodes)
+    stored_rewards = sum(float(c[3][0]) for _, c in rows) - sum(float(c[3][0]) for c in in_progress)
+    assert returns == pytest.approx(stored_rewards, rel=1e-5, abs=1e-3)
     scalars = read_scalars(run_dir)
+    assert [int(v) for _, v in scalars["least/stop_step"]] == [int(r["episodic_length"]) - 1 for r in stops]
     assert scalars["least/stops"][-1][1] == len(stops)
     assert 0 < scalars["least/stop_rate"][-1][1] <= 1 and "least/steps_saved" in scalars
     assert summary["least_steps_saved"] > 0
 
 
-def test_several_envs_stop_independently(mod, tmp_path):
+class RecordingEnvs:
+    """Wraps the training EnvPool env: records each step's done flags and each hand reset's (env ids, observations)."""
+
+    def __init__(self, envs, log):
+        self.envs, self.log = envs, log
+
+    def __getattr__(self, name):
+        return getattr(self.envs, name)
+
+    def step(self, actions):
+        out = self.envs.step(actions)
+        self.log.append(("step", np.asarray(out[2]) | np.asarray(out[3])))
+        return out
+
+    def reset(self, **kwargs):
+        obs, info = self.envs.reset(**kwargs)
+        if "env_id" in kwargs:
+            self.log.append(("reset", np.asarray(info["env_id"]), np.asarray(obs, dtype=np.float32)))
+        return obs, info
+
+
+def test_several_envs_stop_independently(mod, tmp_path, monkeypatch):
+    # three envs with forced stops: each stored transition is traced to its env (the valid mask from the done flags),
+    # and each env's next transition continues from its own next observation, or from its own reset observation
+    recorder, log, made = RecordingBuffer(mod.ReplayBuffer), [], []
+    make_env = mod.make_env
+
+    def recording_make_env(env_id, num_envs, seeds, args):
+        envs = make_env(env_id, num_envs, seeds, args)
+        if not made:  # the training env (evaluation envs are made later)
+            made.append(envs)
+            return RecordingEnvs(envs, log)
+        return envs
+    monkeypatch.setattr(mod, "ReplayBuffer", recorder)
+    monkeypatch.setattr(mod, "make_env", recording_make_env)
     _, run_dir, summary = run_sac_in_process(mod, tmp_path, "envs3", num_envs=3, total_timesteps=600, **FORCED)
     stops = read_rows(os.path.join(run_dir, "least_stops.csv"))
-    episodes = read_rows(os.path.join(run_dir, "episodes.csv"))
-    assert len(stops) > 10 and all(int(r["episodic_length"]) >= 1 for r in stops)
-    # all agent steps: 600 vector-env steps minus the auto-reset steps after natural ends (at most one per episode)
-    lengths = sum(int(r["episodic_length"]) for r in stops + episodes)
-    assert lengths <= 600 - len(episodes) + 3
-    assert lengths > 600 - len(episodes) - 3 * 60  # only the three episodes in progress are missing
-    # several stops in the same vector step happen (each env is tested on its own) and each is its own row
-    per_step = {}
-    for r in stops:
-        per_step[r["global_step"]] = per_step.get(r["global_step"], 0) + 1
-    assert max(per_step.values()) >= 2
-    assert summary["least_stops"] == len(stops)
+    assert summary["least_stops"] == len(stops) > 10
+    steps = [entry[1] for entry in log if entry[0] == "step"]
+    resets, k = {}, -1  # vector step -> {env: reset observation}
+    for entry in log:
+        if entry[0] == "step":
+            k += 1
+        else:
+            resets[k] = {int(e): o for e, o in zip(entry[1], entry[2])}
+    assert max(len(r) for r in resets.values()) >= 2  # envs stopped in the same vector step
+    assert sum(len(r) for r in resets.values()) == len(stops)
+    prev_done = np.zeros(3, dtype=bool)
+    expected = [None, None, None]  # what each env's next stored observation must be
+    checked = 0
+    for k, (obs, next_obs, _, _) in enumerate(recorder.calls):
+        valid = np.flatnonzero(~prev_done)
+        assert len(valid) == len(obs)
+        for row, env in enumerate(valid):
+            if expected[env] is not None:
+                assert np.array_equal(obs[row], expected[env]), (k, env)
+                checked += 1
+            expected[env] = next_obs[row]
+        for env, reset_obs in resets.get(k, {}).items():
+            expected[env] = reset_obs  # a stopped env restarts from its own reset observation
+        prev_done = steps[k]
+        for env in np.flatnonzero(prev_done):
+            expected[env] = None  # EnvPool's auto-reset: the new episode's first observation is not checked
+    assert checked > 500
+
+
+def test_a_task_switch_starts_an_empty_window(mod, tmp_path):
+    _, run_dir, _ = run_sac_in_process(mod, tmp_path, "switch", env_ids=("Hopper-v4", "Hopper-v4"),
+                                       steps_per_task=150, total_timesteps=None, **FORCED)
+    stop_steps = [int(r["global_step"]) for r in read_rows(os.path.join(run_dir, "least_stops.csv"))]
+    ends = [int(r["global_step"]) for r in read_rows(os.path.join(run_dir, "episodes.csv"))]
+    after = [s for s in stop_steps if s > 150]
+    assert after and [s for s in stop_steps if s <= 150]
+    # no threshold until an episode of the new task has ended by itself (the window is empty after the switch)
+    assert min(after) > min(e for e in ends if e > 150)
 
 
 def test_window_zero_is_sac_exactly(mod, sac, tmp_path):
@@ -214,12 +293,13 @@ def test_window_zero_is_sac_exactly(mod, sac, tmp_path):
     assert not os.path.exists(os.path.join(str(tmp_path), "off", "least_stops.csv"))
 
 
-def test_statistics_leave_training_unchanged(mod, sac, tmp_path):
-    # the rule on but never testing before the last step: Q and TD losses are computed at every step (in a forked
-    # RNG), and the run is still sac.py's
+@pytest.mark.parametrize("signal", ["batch", "sample"])
+def test_statistics_leave_training_unchanged(mod, sac, tmp_path, signal):
+    # the rule on but never testing before the last step: the statistics are computed at every step (the sample
+    # signal's target in a forked RNG), and the run is still sac.py's
     run_sac_in_process(sac, tmp_path, "sac")
     _, run_dir, summary = run_sac_in_process(mod, tmp_path, "watch", least_start=1.0, least_min_episodes=1,
-                                             least_signal="sample")
+                                             least_signal=signal)
     assert_same_run(os.path.join(str(tmp_path), "sac"), run_dir, "sac_least.py --least-start 1")
     assert summary["least_stops"] == 0
 
