@@ -709,7 +709,7 @@ def run(args: Args) -> dict:
     episodes_csv = csv.writer(episodes_file)
     episodes_csv.writerow(["global_step", "episodic_return", "episodic_length", "task"])
     stops_file = None
-    if args.least_window and not args.eval_checkpoint:  # stopped episodes' partial returns (docs/sac_least.md, detail 4)
+    if args.least_window and not args.eval_checkpoint:  # stopped episodes' partial returns (docs/sac_least.md, 4)
         stops_file = open(os.path.join(run_dir, "least_stops.csv"), "w", newline="")
         stops_csv = csv.writer(stops_file)
         stops_csv.writerow(["global_step", "partial_return", "episodic_length", "task"])
@@ -833,7 +833,7 @@ def run(args: Args) -> dict:
                         stops_csv.writerow([global_step, float(stats.returns[env]), int(stats.lengths[env]),
                                             tasks[task_index]])
                         stats.returns[env], stats.lengths[env] = 0.0, 0
-                        least_steps_saved += least.max_len - 1 - int(step)  # an upper bound: the cap's remaining steps (detail 5)
+                        least_steps_saved += least.max_len - 1 - int(step)  # an upper bound (detail 5)
                         writer.add_scalar("least/stop_step", int(step), global_step)
                         least.end_episode(env)
                 least_stops += len(stop)

@@ -626,14 +626,16 @@ def bias_horizon(gamma: float) -> float:
     return math.ceil(round(math.log(0.01) / math.log(gamma), 9))
 
 
-def value_bias_states(record: list, gamma: float):
+def value_bias_states(record: list, gamma: float, bonus=None):
     """From evaluate's record (per vector step: obs, actions, reward, terminated, truncated, valid), each env's first
     episode (the evaluated one): its steps' observations, actions and discounted Monte-Carlo returns
     G_t = sum_k gamma^k r_{t+k} to the episode's end. Every step of an episode that terminated; of one cut by the time
-    limit, the steps with T - t >= bias_horizon(gamma) rewards to its end (detail 5). Returns (obs, actions, G) as
-    arrays (float32, float32, float64), possibly empty."""
+    limit, the steps with T - t >= bias_horizon(gamma) rewards to its end (detail 5). With `bonus` (per record step
+    and env, alpha times the policy's entropy at that step's observation) also the soft return SAC's critic
+    estimates, G^soft_t = r_t + gamma * (bonus_{t+1} + G^soft_{t+1}) within the episode. Returns (obs, actions, G,
+    G^soft or None) as arrays (float32, float32, float64, float64), possibly empty."""
     horizon = bias_horizon(gamma)
-    obs, actions, returns = [], [], []
+    obs, actions, returns, soft_returns = [], [], [], []
     num_envs = len(record[0][2]) if record else 0
     for i in range(num_envs):
         rewards, terminal = [], None
@@ -646,27 +648,52 @@ def value_bias_states(record: list, gamma: float):
                 break
         if terminal is None:  # the episode did not end within the record
             continue
-        length, g = len(rewards), 0.0
-        step_returns = np.zeros(length)
+        length, g, g_soft = len(rewards), 0.0, 0.0
+        step_returns, step_soft = np.zeros(length), np.zeros(length)
         for t in range(length - 1, -1, -1):
             g = rewards[t] + gamma * g
             step_returns[t] = g
+            if bonus is not None:  # the next step's entropy bonus, within the episode only
+                g_soft = rewards[t] + (gamma * (bonus[t + 1][i] + g_soft) if t + 1 < length else 0.0)
+                step_soft[t] = g_soft
         keep = [t for t in range(length) if terminal or length - t >= horizon]
         obs += [record[t][0][i] for t in keep]
         actions += [record[t][1][i] for t in keep]
         returns += [step_returns[t] for t in keep]
+        soft_returns += [step_soft[t] for t in keep]
+    soft = np.asarray(soft_returns, np.float64) if bonus is not None else None
     if not returns:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0)
-    return np.asarray(obs, np.float32), np.asarray(actions, np.float32), np.asarray(returns, np.float64)
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0), soft
+    return np.asarray(obs, np.float32), np.asarray(actions, np.float32), np.asarray(returns, np.float64), soft
 
 
 @torch.no_grad()
-def value_bias(qf1, qf2, record: list, gamma: float, device) -> dict[str, float]:
+def entropy_bonus(actor, record: list, alpha: float, device, samples: int = 8) -> list:
+    """Per record step and env, alpha times the policy's entropy at that step's observation, estimated as the mean of
+    -log pi(a|s) over `samples` actions drawn from a private generator (torch's global RNG is untouched: the run is
+    the same with or without it; detail 5)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for step in record:
+        obs = torch.from_numpy(np.asarray(step[0], np.float32)).to(device)
+        mean, log_std = actor(obs)
+        noise = torch.randn((samples, *mean.shape), generator=generator, device=device)
+        _, log_prob = squashed_gaussian(mean.expand_as(noise).reshape(-1, mean.shape[1]),
+                                        log_std.expand_as(noise).reshape(-1, mean.shape[1]),
+                                        noise.reshape(-1, mean.shape[1]), actor.action_scale, actor.action_bias)
+        out.append((-alpha * log_prob.reshape(samples, -1).mean(dim=0)).double().cpu().numpy())
+    return out
+
+
+@torch.no_grad()
+def value_bias(qf1, qf2, record: list, gamma: float, device, actor=None, alpha: float = 0.0) -> dict[str, float]:
     """The value estimation bias of the online critics at the evaluation's (s_t, a_t) against the Monte-Carlo return
-    (detail 5): means of min(Q1, Q2), (Q1 + Q2) / 2 and G_t, the biases min - G and mean - G, REDQ's normalised bias
-    (bias / |mean G|) and its standard deviation over states (Chen et al. 2021), and the number of states. Draws no
-    random numbers."""
-    obs, actions, returns = value_bias_states(record, gamma)
+    (detail 5): means of min(Q1, Q2), (Q1 + Q2) / 2 and G_t, the biases min - G and mean - G, the bias normalised by
+    |mean G| and its standard deviation over states, and the number of states. With the actor, also against the
+    soft return (entropy bonuses included, what a soft critic estimates): soft_return, soft_bias, soft_bias_mean_twins,
+    normalized_soft_bias, and alpha. Draws no random numbers from torch's global RNG."""
+    bonus = entropy_bonus(actor, record, alpha, device) if actor is not None and record else None
+    obs, actions, returns, soft_returns = value_bias_states(record, gamma, bonus)
     if len(returns) == 0:
         return {"num_states": 0}
     q1 = qf1(torch.from_numpy(obs).to(device), torch.from_numpy(actions).to(device)).double().cpu().numpy()
@@ -678,6 +705,13 @@ def value_bias(qf1, qf2, record: list, gamma: float, device) -> dict[str, float]
     if scale > 0:
         out["normalized_bias"] = out["bias"] / scale
         out["normalized_bias_std"] = float(((q_min - returns) / scale).std())
+    if soft_returns is not None:
+        out.update(alpha=float(alpha), soft_return=float(soft_returns.mean()),
+                   soft_bias=float((q_min - soft_returns).mean()),
+                   soft_bias_mean_twins=float((q_mean - soft_returns).mean()))
+        soft_scale = abs(float(soft_returns.mean()))
+        if soft_scale > 0:
+            out["normalized_soft_bias"] = out["soft_bias"] / soft_scale
     out["num_states"] = int(len(returns))
     return out
 
@@ -940,7 +974,7 @@ def run(args: Args) -> dict:
                 returns, eval_record = evaluate_recorded(actor, tasks[task_index], args, args.eval_episodes,
                                                          args.seed + global_step, device)  # + the record (detail 5)
                 writer.add_scalar("eval/episodic_return", float(np.mean(returns)), global_step)
-                log_value_bias(writer, value_bias(qf1, qf2, eval_record, args.gamma, device), global_step)
+                log_value_bias(writer, value_bias(qf1, qf2, eval_record, args.gamma, device, actor, alpha), global_step)
                 next_eval += args.eval_every
         envs.close()
         train_time = time.time() - start_time
@@ -955,8 +989,8 @@ def run(args: Args) -> dict:
             eval_returns, eval_record = evaluate_recorded(actor, tasks[-1], args, args.eval_episodes, args.seed,
                                                           device)  # + the record (docs/sac_optimistic.md, detail 5)
             writer.add_scalar("eval/episodic_return", float(np.mean(eval_returns)), global_step)
-            summary["value_bias"] = log_value_bias(writer, value_bias(qf1, qf2, eval_record, args.gamma, device),
-                                                   global_step)
+            summary["value_bias"] = log_value_bias(writer, value_bias(qf1, qf2, eval_record, args.gamma, device,
+                                                                      actor, alpha), global_step)
         summary.update(status="completed", sps=int(global_step / train_time))
     except Diverged as err:
         summary.update(status="diverged", error=str(err))

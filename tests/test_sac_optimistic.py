@@ -221,20 +221,58 @@ def test_value_bias_states_by_hand(mod):
     assert mod.bias_horizon(0.1) == 2 and mod.bias_horizon(0.99) == 459 and mod.bias_horizon(0.5) == 7
     assert mod.bias_horizon(0.0) == 1 and mod.bias_horizon(1.0) == math.inf
     assert 0.99 ** 459 <= 0.01 < 0.99 ** 458
-    obs, actions, returns = mod.value_bias_states(tiny_record(), 0.1)
+    obs, actions, returns, soft = mod.value_bias_states(tiny_record(), 0.1)
+    assert soft is None  # no bonus given
     # env 0 (terminated): every step; env 1 (truncated, T = 4): t with T - t >= 2 rewards, i.e. t = 0, 1, 2 (t = 3
     # has one reward: its missing tail would weigh 0.1 > 1%)
     assert obs.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     assert actions.ravel().tolist() == [0, 1, 2, 10, 11, 12]
     np.testing.assert_allclose(returns, [1 + 0.1 * 2 + 0.01 * 3, 2 + 0.1 * 3, 3, 1.111, 1.11, 1.1], rtol=1e-6)
-    _, _, returns = mod.value_bias_states(tiny_record(), 1.0)  # gamma 1: no truncated step is complete enough
+    _, _, returns, _ = mod.value_bias_states(tiny_record(), 1.0)  # gamma 1: no truncated step is complete enough
     np.testing.assert_allclose(returns, [6, 5, 3])
-    _, actions, returns = mod.value_bias_states(tiny_record(), 0.0)  # gamma 0: G_t = r_t, every step
+    _, actions, returns, _ = mod.value_bias_states(tiny_record(), 0.0)  # gamma 0: G_t = r_t, every step
     np.testing.assert_allclose(returns, [1, 2, 3, 1, 1, 1, 1])
     assert actions.ravel().tolist() == [0, 1, 2, 10, 11, 12, 13]
     record = tiny_record()
     record[2] = record[2][:4] + (np.array([True, False]),) + record[2][5:]  # env 0 also truncated: still exact
     assert mod.value_bias_states(record, 0.1)[1].ravel().tolist() == [0, 1, 2, 10, 11, 12]
+
+
+def test_soft_returns_add_the_entropy_bonuses_by_hand(mod):
+    # bonus b[t][env]: env 0 terminates after 3 steps, env 1 is truncated after 4 (gamma 0.1 keeps t = 0, 1, 2)
+    bonus = [np.array([0.5, 1.0]), np.array([0.25, 2.0]), np.array([0.125, 3.0]), np.array([9.0, 4.0]),
+             np.array([9.0, 9.0])]
+    _, _, returns, soft = mod.value_bias_states(tiny_record(), 0.1, bonus)
+    g0 = [3.0]  # env 0 backwards: G^soft_2 = 3, G^soft_1 = 2 + 0.1 (0.125 + 3), G^soft_0 = 1 + 0.1 (0.25 + G^soft_1)
+    g0.insert(0, 2 + 0.1 * (0.125 + g0[0]))
+    g0.insert(0, 1 + 0.1 * (0.25 + g0[0]))
+    g1 = [1.0]  # env 1 (rewards 1): the last step has no bonus after it inside the episode
+    for b in (4.0, 3.0, 2.0):
+        g1.insert(0, 1 + 0.1 * (b + g1[0]))
+    np.testing.assert_allclose(soft, g0 + g1[:3], rtol=1e-9)
+    np.testing.assert_allclose(mod.value_bias_states(tiny_record(), 0.1, [b * 0 for b in bonus])[3], returns)
+
+
+def test_soft_bias_uses_a_private_generator(mod):
+    torch.manual_seed(0)
+    actor = mod.Actor(2, np.array([-1.0]), np.array([1.0]), hidden=8)
+    record = tiny_record()
+    state = torch.get_rng_state()
+    bonus = mod.entropy_bonus(actor, record, 0.5, "cpu", samples=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [len(b) for b in bonus] == [2] * len(record)
+    # by hand at one observation: the mean of -log pi over the same 4 noise draws, times alpha
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mean, log_std = actor(torch.from_numpy(np.asarray(record[0][0], np.float32)))
+        noise = torch.randn((4, *mean.shape), generator=generator)
+        logs = [mod.squashed_gaussian(mean, log_std, noise[k], actor.action_scale, actor.action_bias)[1]
+                for k in range(4)]
+    np.testing.assert_allclose(bonus[0], (-0.5 * torch.stack(logs).mean(0)).double().numpy(), rtol=1e-5)
+    out = mod.value_bias(SumQ(0.1, 0.0), SumQ(0.0, 1.0), record, 0.1, "cpu", actor, 0.5)
+    assert {"alpha", "soft_return", "soft_bias", "soft_bias_mean_twins", "normalized_soft_bias"} <= set(out)
+    assert out["soft_return"] != out["mc_return"] and out["alpha"] == 0.5
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 class SumQ(torch.nn.Module):
