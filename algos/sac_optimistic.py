@@ -838,9 +838,10 @@ def run(args: Args) -> dict:
         record_param_counts(run_dir, actor, qf1, obs_dim, action_dim)  # config.json (docs/sac_optimistic.md, detail 1)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0], device)
-            if checkpoint["args"].get("actor_width", 256) != args.actor_width:  # sac.py's actor: 256 wide
-                raise UserError(f"--eval-checkpoint {args.eval_checkpoint}: its actor was trained with --actor-width "
-                                f"{checkpoint['args'].get('actor_width', 256)}: evaluate it with that --actor-width")
+            first = checkpoint["model"].get("trunk.fc1.weight") if isinstance(checkpoint["model"], dict) else None
+            if first is not None and first.shape[0] != args.actor_width:  # an MLP actor of another width
+                raise UserError(f"--eval-checkpoint {args.eval_checkpoint}: its actor is {first.shape[0]} wide: "
+                                f"evaluate it with --actor-width {first.shape[0]}")
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != ((obs_dim,), action_dim):
                 raise UserError(f"the checkpoint's actor takes observations {tuple(checkpoint['obs_shape'])} and "
                                 f"{checkpoint['n_actions']}-dimensional actions; {tasks[0]} has ({obs_dim},) and "

@@ -342,9 +342,41 @@ def test_defaults_are_sac_py_exactly(mod, sac, tmp_path):
     for key in ("losses/qf_loss", "losses/actor_loss", "losses/alpha", "plasticity/qf1/srank", "eval/episodic_return"):
         assert ours_scalars[key] == base_scalars[key], key
     assert set(ours_scalars) - set(base_scalars) == {k for k in ours_scalars if k.startswith("value/")}
-    mean, _, _ = run_sac_in_process(mod, tmp_path, "mean", q_target="mean", metrics_every=0)
-    with open(os.path.join(ours_dir, "episodes.csv"), "rb") as f:
-        assert mean != f.read()
+    # the same flags with the mean target: the critics learn other values (the losses differ from the first update)
+    _, mean_dir, _ = run_sac_in_process(mod, tmp_path, "mean", q_target="mean", **flags)
+    mean_scalars = read_scalars(mean_dir)
+    assert mean_scalars["losses/qf_loss"] != ours_scalars["losses/qf_loss"]
+    assert mean_scalars["value/q_mean_twins"] != ours_scalars["value/q_mean_twins"]
+
+
+def test_value_bias_gets_the_online_critics_and_the_states_before_each_step(mod, tmp_path, monkeypatch):
+    seen = []
+    value_bias = mod.value_bias
+
+    def spy(qf1, qf2, record, gamma, device, actor=None, alpha=0.0):
+        seen.append((qf1, qf2, record, actor))
+        return value_bias(qf1, qf2, record, gamma, device, actor, alpha)
+    monkeypatch.setattr(mod, "value_bias", spy)
+    made = []
+    soft_q = mod.SoftQNetwork
+
+    def tracking(*args, **kwargs):
+        made.append(soft_q(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(mod, "SoftQNetwork", tracking)
+    run_sac_in_process(mod, tmp_path, "spy", eval_episodes=2)
+    assert len(seen) == 1 and seen[0][0] is made[0] and seen[0][1] is made[1]  # qf1, qf2 (built before the targets)
+    qf1, _, record, actor = seen[0]
+    assert isinstance(actor, mod.Actor)
+    # the first recorded observations are the evaluation envs' first observations, and every recorded action is the
+    # deterministic action at the recorded observation (the state before the step, not after)
+    envs = mod.make_env("Hopper-v4", 2, mod.env_seeds(SAC_FLAGS["seed"], 0, 1, 2), mod.Args(env_id="Hopper-v4"))
+    first = mod.flatten_obs(envs.reset()[0])
+    envs.close()
+    np.testing.assert_array_equal(record[0][0], first)
+    with torch.no_grad():
+        for step in record[:20]:
+            np.testing.assert_allclose(step[1], actor.mean_action(torch.from_numpy(step[0])).numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("flags", [dict(q_target_beta=1.5), dict(q_target_beta=-0.1), dict(q_target_beta=float("nan")),
