@@ -25,13 +25,14 @@ Differences from the base script (`diff algos/sac.py algos/sac_optimistic.py` sh
     actor-to-critic and actor-to-base ratios (`record_param_counts`), also printed;
   - the training run's evaluations call `evaluate_recorded` (sac.py's `evaluate` plus a record of its steps) and log
     the value estimation bias under `value/` (the online critics' Q against the discounted Monte-Carlo return of
-    the evaluation episodes; `value_bias_states`, `value_bias`, `log_value_bias`); the final one also goes to
+    the evaluation episodes, with and without the policy's entropy bonuses, which a soft critic counts;
+    `value_bias_states`, `entropy_bonus`, `value_bias`, `log_value_bias`); the final one also goes to
     summary.json (`value_bias`); `--eval-checkpoint` evaluations (actor only, sac.py's `evaluate`) log none;
   - an `--eval-checkpoint` whose actor width differs from `--actor-width` is one line naming the flag.
 [reconstruction] marks what the paper's text or code does not show: the interpolation `mix` and its beta (asked for
 by the issue, not in the code), the state-based actor sizes (the flags are free; the pixel code's actors are 256,
 128, 32 and 8 wide, two layers each), and the bias measurement (the paper's Q against Monte-Carlo returns was not
-read: ours follows REDQ's normalised bias, Chen et al. 2021).
+read: ours normalises by |mean return| after REDQ's idea, Chen et al. 2021, but is not REDQ's measurement).
 
 Base script: algos/sac.py (SAC with CleanRL's sac_continuous_action defaults; docs/sac.md).
 Docs: docs/sac_optimistic.md. Conventions every script follows: docs/conventions.md.
