@@ -18,7 +18,7 @@ standard normal: centred, unit variance in every direction (isotropic), Gaussian
 Differences from the base script (`diff algos/ppo.py algos/ppo_sigreg.py` shows exactly these):
   - flags `--sigreg-lambda` (0: ppo.py exactly), `--sigreg-slices`, `--sigreg-grid`, `--sigreg-t-max` and
     `--sigreg-on`, checked in `resolve_args`;
-  - `sigreg_loss` (the statistic), `representations` (which pre-activations it acts on: the shared trunk's fc1
+  - `sigreg_loss` (the statistic), `representation_layers` (whose outputs it acts on: the shared trunk's fc1
     output for pixels, as the official code's trunk output before the heads' ReLU; for vector observations, where
     ppo.py has no shared layers, the last hidden pre-activation of the policy and/or the value MLP, an adaptation)
     and `representation_diagnostics` (the `repr/` logs: covariance spectrum, isotropy, effective rank, moments);
@@ -720,13 +720,14 @@ def random_directions(num: int, dim: int, generator: torch.Generator, device) ->
     return a / (a.norm(dim=1, keepdim=True) + 1e-12)
 
 
-def representations(hidden: list, pixel: bool, sigreg_on: str) -> dict[str, torch.Tensor]:
-    """The pre-activations SIGReg acts on (detail 2), by name, from a forward's hidden list: pixels, the shared trunk's
+def representation_layers(agent, sigreg_on: str) -> dict[str, nn.Module]:
+    """The Linear layers whose outputs (pre-activations) SIGReg acts on (detail 2), by name: pixels, the shared trunk's
     fc1 (the official code regularises its trunk's output, which the heads pass through a ReLU); vectors, fc2 of the
     policy and/or the value MLP."""
-    wanted = {"fc1"} if pixel else {"actor": {"actor.fc2"}, "critic": {"critic.fc2"}}.get(
-        sigreg_on, {"actor.fc2", "critic.fc2"})
-    return {name: pre for name, pre, _ in hidden if name in wanted}
+    if agent.pixel:
+        return {"fc1": agent.trunk.fc1}
+    layers = {"actor.fc2": agent.actor.fc2, "critic.fc2": agent.critic.fc2}
+    return {name: layer for name, layer in layers.items() if sigreg_on in ("auto", "both") or name.startswith(sigreg_on)}
 
 
 def representation_diagnostics(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
@@ -973,6 +974,11 @@ def run(args: Args) -> dict:
         sigreg_t = torch.linspace(-args.sigreg_t_max, args.sigreg_t_max, args.sigreg_grid, device=device)
         sigreg_gen = torch.Generator(device=device).manual_seed(args.seed + 104_729)
         repr_gen = torch.Generator(device=device).manual_seed(args.seed + 130_363)
+        # forward hooks keep each representation layer's output of the latest forward pass: after ppo_loss, the
+        # loss's own, in its graph (no second forward pass, and ppo_loss stays ppo.py's)
+        sigreg_layers, latest = representation_layers(agent, args.sigreg_on), {}
+        for name, layer in sigreg_layers.items():
+            layer.register_forward_hook(lambda _module, _input, out, name=name: latest.__setitem__(name, out))
 
         # Rollout storage (detail 7): step t acts on obs[t]; valid[t] is False for EnvPool's auto-reset steps.
         obs_buf = torch.zeros((num_steps, num_envs, *obs_shape),
@@ -1054,16 +1060,17 @@ def run(args: Args) -> dict:
                     mb_t = torch.from_numpy(mb).to(device)
                     batch = (b_obs[mb_t], b_actions[mb_t], b_logprobs[mb_t], b_advantages[mb_t], b_returns[mb_t],
                              b_values[mb_t])
-                    loss, loss_stats, hidden = ppo_loss(agent, *batch, args, return_hidden=args.sigreg_lambda > 0)
-                    if args.sigreg_lambda > 0:  # SIGReg on each representation of this minibatch (details 1-3)
-                        sig_terms = [sigreg_loss(z, random_directions(args.sigreg_slices, z.shape[1], sigreg_gen,
-                                                                      device), sigreg_t)
-                                     for z in representations(hidden, agent.pixel, args.sigreg_on).values()]
-                        sig_stats = [sum(term[i] for term in sig_terms).detach() for i in range(3)]
-                        loss = loss + args.sigreg_lambda * sum(term[0] for term in sig_terms)
+                    loss, loss_stats = ppo_loss(agent, *batch, args)[:2]
                     if not math.isfinite(loss.item()):
                         raise Diverged(f"non-finite PPO loss ({loss.item()}) at global_step={global_step}")
                     optimizer.zero_grad(set_to_none=True)
+                    # SIGReg on this minibatch's representations (details 1-3); bounded, so finite when the PPO loss is
+                    if args.sigreg_lambda > 0:
+                        sig_terms = [sigreg_loss(latest[name], random_directions(
+                            args.sigreg_slices, latest[name].shape[1], sigreg_gen, device), sigreg_t)
+                                     for name in sigreg_layers]
+                        sig_stats = [sum(term[i] for term in sig_terms).detach() for i in range(3)]
+                        loss = loss + args.sigreg_lambda * sum(term[0] for term in sig_terms)
                     loss.backward()
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # global clipping (detail 10)
                     optimizer.step()
@@ -1078,8 +1085,8 @@ def run(args: Args) -> dict:
                         for key, value in plasticity_metrics(agent, metrics_batch, args).items():
                             writer.add_scalar(key, value, global_step)
                         with torch.no_grad():  # repr/ logs: distance of each representation from N(0, I) (detail 5)
-                            _, _, repr_hidden = agent(b_obs[sample], return_hidden=True)
-                            for name, z in representations(repr_hidden, agent.pixel, args.sigreg_on).items():
+                            agent(b_obs[sample])
+                            for name, z in ((name, latest[name]) for name in sigreg_layers):
                                 directions = random_directions(args.sigreg_slices, z.shape[1], repr_gen, device)
                                 for key, value in representation_diagnostics(z, directions, sigreg_t).items():
                                     writer.add_scalar(f"repr/{key}/{name}", value, global_step)

@@ -134,25 +134,55 @@ def test_directions_are_unit_vectors_from_the_given_generator(sigreg):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_representations_are_the_pre_activations_of_the_chosen_layers(sigreg):
+def test_representation_layers_are_the_chosen_pre_activations(sigreg):
+    """Vectors: fc2 of the policy and/or value MLP, whose output is the pre-activation the ReLU then reads (checked
+    against the hidden list of the forward pass); pixels: the trunk's fc1, the 512 features before the heads' ReLU."""
     vec = sigreg.Agent((7,), 3, continuous=False, minatar=True)
+    assert list(sigreg.representation_layers(vec, "auto")) == ["actor.fc2", "critic.fc2"]
+    assert list(sigreg.representation_layers(vec, "both")) == ["actor.fc2", "critic.fc2"]
+    assert list(sigreg.representation_layers(vec, "actor")) == ["actor.fc2"]
+    assert list(sigreg.representation_layers(vec, "critic")) == ["critic.fc2"]
     x = torch.randn(5, 7)
     _, _, hidden = vec(x, return_hidden=True)
-    both = sigreg.representations(hidden, False, "auto")
-    assert list(both) == ["actor.fc2", "critic.fc2"]
-    h_actor = torch.relu(vec.actor.fc1(x))
-    assert torch.allclose(both["actor.fc2"], vec.actor.fc2(h_actor))  # before the ReLU
-    assert list(sigreg.representations(hidden, False, "actor")) == ["actor.fc2"]
-    assert list(sigreg.representations(hidden, False, "critic")) == ["critic.fc2"]
-    assert list(sigreg.representations(hidden, False, "both")) == ["actor.fc2", "critic.fc2"]
+    pre = {name: z for name, z, _ in hidden}
+    for name, layer in sigreg.representation_layers(vec, "auto").items():
+        first = getattr(vec, name.split(".")[0]).fc1
+        assert torch.allclose(layer(torch.relu(first(x))), pre[name])
     pix = sigreg.Agent((4, 84, 84), 4, continuous=False)
+    layers = sigreg.representation_layers(pix, "auto")
+    assert list(layers) == ["fc1"] and layers["fc1"] is pix.trunk.fc1
     frames = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
     _, _, hidden = pix(frames, return_hidden=True)
-    rep = sigreg.representations(hidden, True, "auto")
-    assert list(rep) == ["fc1"] and rep["fc1"].shape == (2, 512)
-    assert (rep["fc1"] < 0).any()  # the pre-activation: the heads read its ReLU
-    features = pix.trunk[:-1](frames.float() / 255.0)
-    assert torch.allclose(rep["fc1"], features, atol=1e-5)
+    fc1 = {name: z for name, z, _ in hidden}["fc1"]
+    assert fc1.shape == (2, 512) and (fc1 < 0).any()  # the pre-activation: the heads read its ReLU
+
+
+def test_penalty_uses_the_loss_forward_pass_representation(sigreg, tmp_path, monkeypatch):
+    """The hooked representation handed to the statistic is the ppo_loss forward pass's own: it requires grad, and it
+    equals the representation layer's output on the minibatch's observations."""
+    seen = []
+    loss = sigreg.sigreg_loss
+    ppo_loss = sigreg.ppo_loss
+
+    def spy_ppo_loss(agent, obs, *rest, **kw):
+        out = ppo_loss(agent, obs, *rest, **kw)
+        with torch.no_grad():  # functional: calling the layers would fire the script's hooks
+            fc1, fc2 = agent.actor.fc1, agent.actor.fc2
+            h = agent.actor.act1(torch.nn.functional.linear(obs.float(), fc1.weight, fc1.bias))  # tanh here
+            seen.append(("expected", torch.nn.functional.linear(h, fc2.weight, fc2.bias)))
+        return out
+
+    monkeypatch.setattr(sigreg, "ppo_loss", spy_ppo_loss)
+    monkeypatch.setattr(sigreg, "sigreg_loss", lambda z, a, t: seen.append(("z", z)) or loss(z, a, t))
+    settings = dict(SMOKE, total_timesteps=128, update_epochs=1, num_minibatches=2, metrics_every=0)
+    run_in_process(sigreg, tmp_path, "actor", "CartPole-v1", settings, sigreg_on="actor")
+    assert [kind for kind, _ in seen] == ["expected", "z"] * 2
+    for (_, expected), (_, z) in zip(seen[::2], seen[1::2]):
+        assert z.requires_grad and torch.allclose(z.detach(), expected)
+    seen.clear()
+    run_in_process(sigreg, tmp_path, "both", "CartPole-v1", settings)
+    assert [kind for kind, _ in seen] == ["expected", "z", "z"] * 2
+    assert [z.shape[1] for kind, z in seen if kind == "z"] == [64] * 4
 
 
 def test_diagnostics_against_hand_values(sigreg):
@@ -200,20 +230,6 @@ def test_lambda_zero_is_ppo_py_and_the_default_is_not(sigreg, ppo, tmp_path):
     scalars = read_scalars(on)
     assert all(total == pytest.approx(re + im, rel=1e-5) for (_, total), (_, re), (_, im) in zip(
         scalars["losses/sigreg"], scalars["losses/sigreg_real"], scalars["losses/sigreg_imag"]))
-
-
-def test_penalty_reaches_only_the_chosen_network(sigreg, tmp_path, monkeypatch):
-    """--sigreg-on actor: the statistic is computed once per minibatch, on the policy MLP's fc2 pre-activation (64
-    units, in the graph); the default (both, for vectors) computes it on the two MLPs' fc2."""
-    seen = []
-    loss = sigreg.sigreg_loss
-    monkeypatch.setattr(sigreg, "sigreg_loss", lambda z, a, t: seen.append((z.requires_grad, z.shape[1])) or loss(z, a, t))
-    settings = dict(SMOKE, total_timesteps=128, update_epochs=1, num_minibatches=2, metrics_every=0)
-    run_in_process(sigreg, tmp_path, "actor", "CartPole-v1", settings, sigreg_on="actor")
-    assert seen == [(True, 64)] * 2
-    seen.clear()
-    run_in_process(sigreg, tmp_path, "both", "CartPole-v1", settings)
-    assert seen == [(True, 64)] * 4
 
 
 def test_minatar_run_regularises_both_mlps(sigreg, tmp_path):
