@@ -178,7 +178,7 @@ class Args:
     # --- SIGReg (docs/ppo_sigreg.md; defaults are the official code's, asahebpa/IsoGaussian-DRL) ---
     sigreg_lambda: float = 1.0
     """weight of the SIGReg penalty in every minibatch loss (0: ppo.py exactly) [official code: run_ppo.sh sweeps
-    {0, 0.2, 1.0}; 1.0 is the CIFAR default and PQN's fallback; its PPO argument default 0.0 switches it off]"""
+    {0, 0.2, 1.0} on Atari; 1.0 is cifar.py's default; the PPO and PQN argument default 0.0 switches it off]"""
     sigreg_slices: int = 16
     """random unit directions M, drawn afresh at every minibatch update [official code: num_slices=16]"""
     sigreg_grid: int = 8
@@ -722,12 +722,16 @@ def random_directions(num: int, dim: int, generator: torch.Generator, device) ->
 
 def representation_layers(agent, sigreg_on: str) -> dict[str, nn.Module]:
     """The Linear layers whose outputs (pre-activations) SIGReg acts on (detail 2), by name: pixels, the shared trunk's
-    fc1 (the official code regularises its trunk's output, which the heads pass through a ReLU); vectors, fc2 of the
-    policy and/or the value MLP."""
+    last Linear, fc1 (the official code regularises its trunk's output, which the heads pass through a ReLU); vectors,
+    the last hidden Linear of the policy and/or the value MLP, fc2 (the one before the output layer)."""
+    def last_hidden(seq: nn.Sequential, prefix: str, skip_output: bool):
+        linears = [(prefix + name, m) for name, m in seq.named_children() if isinstance(m, nn.Linear)]
+        return linears[-2] if skip_output else linears[-1]
+
     if agent.pixel:
-        return {"fc1": agent.trunk.fc1}
-    layers = {"actor.fc2": agent.actor.fc2, "critic.fc2": agent.critic.fc2}
-    return {name: layer for name, layer in layers.items() if sigreg_on in ("auto", "both") or name.startswith(sigreg_on)}
+        return dict([last_hidden(agent.trunk, "", False)])
+    sides = ("actor", "critic") if sigreg_on in ("auto", "both") else (sigreg_on,)
+    return dict(last_hidden(getattr(agent, side), side + ".", True) for side in sides)
 
 
 def representation_diagnostics(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
