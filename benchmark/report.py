@@ -23,6 +23,15 @@ events binned into `--points` windows of its budget (key_curves), a figure `keys
 task, mean and min-max over runs per arm) and a section `Logged keys` (per key, arms x tasks: the last window's
 mean [min, max] over runs, and how many runs logged it). Runs that never logged a key are counted as missing.
 
+`--auc` adds the area under the training curve (AUC), which papers report instead of final scores: per run, the
+mean of its training-return curve over its whole budget, the curve the figures draw (episodes.csv binned into
+`--points` equal windows of [0, total_timesteps] by the step each episode ends at; an empty window keeps the previous
+window's value, the windows before the first episode ended take the first non-empty window's value), in the scores'
+units (normalised when they are). Per arm and task (and pooled where the group is pooled) IQM and mean AUC with
+stratified-bootstrap intervals; per `--compare` pair and task the probability of improvement on AUC and the relative
+change mean AUC of X / mean AUC of Y - 1 (a ratio of means, shown when Y's mean is positive). Published arms have no
+training curve, hence no AUC.
+
 `--published AGENT ...` adds the published per-run Atari 100k scores of DER, DrQ, DrQ_eps, SPR or BBF
 (benchmark/reference/, with provenance) as arms `published:<AGENT>`, only when the protocol matches: every task is
 an Atari 100k game, and every used run's config.json says 100k agent steps and no sticky actions. Otherwise the
@@ -398,14 +407,20 @@ def per_task_aggregates(matrices, tasks, used, metrics, reps, seed, h) -> list[s
              "are the lowest and highest final score over the runs.", "",
              "| task | arm | runs | " + " | ".join(metrics) + " | min | max | mean SPS |",
              "|---" * (len(metrics) + 6) + "|"]
-    for j, t in enumerate(tasks):
-        column = {arm: x[:, j:j + 1] for arm, x in matrices.items()}
-        agg = aggregate.aggregate(column, reps=reps, seed=seed)
+    for t, column, agg in per_task_columns(matrices, tasks, reps, seed):
         for arm, x in column.items():
             sps = [r.get("sps") for r in used.get(arm, []) if r["env_id"] == t and r.get("sps")]
             lines.append(f"| {t} | {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in metrics)
                          + f" | {x.min():.3f} | {x.max():.3f} |" + (f" {np.mean(sps):.0f} |" if sps else " — |"))
     return lines
+
+
+def per_task_columns(matrices: dict, tasks: list[str], reps: int, seed: int):
+    """Per task in order: (task, {arm: its (runs, 1) column}, aggregate.aggregate of those columns): the aggregates
+    of a group whose tasks are not pooled (per_task_aggregates), and the per-task AUC table (auc_lines)."""
+    for j, t in enumerate(tasks):
+        column = {arm: x[:, j:j + 1] for arm, x in matrices.items()}
+        yield t, column, aggregate.aggregate(column, reps=reps, seed=seed)
 
 
 def parse_reach(values: list[str]) -> dict[str, float]:
@@ -483,8 +498,76 @@ def key_lines(keys: dict, arms: list[str], tasks: list[str], h: str) -> list[str
     return lines[:-1]
 
 
+AUC_METRICS = ("IQM", "Mean")
+
+
+def auc_lines(curves: dict, matrices: dict, tasks: list[str], compare: list[str], pooled: bool, label: str,
+              points: int, reps: int, seed: int, h: str) -> list[str]:
+    """The "Area under the training curve" section. A run's AUC is the mean of its training-return curve over its
+    budget (curve_matrices: episode_curve's `points` windows, normalised as the scores are), so {arm: (runs, tasks)}
+    arrays in the order of the score matrices. Per task (and pooled over tasks when the group is `pooled`) the IQM
+    and mean AUC with stratified-bootstrap intervals; per --compare pair and task (and pooled) the probability of
+    improvement on AUC and the relative change of mean AUC, mean(X) / mean(Y) - 1, shown only when mean(Y) > 0."""
+    auc = {arm: c.mean(axis=2) for arm, c in (curves or {}).items()}
+    lines = [f"{h} Area under the training curve", "",
+             f"Per run, the area under its training-return curve divided by its budget: the mean {label} over "
+             f"training, the mean of the run's curve over {points} equal windows of [0, total_timesteps] (episodes "
+             "binned by the step at which they end, as the figures bin them; a window's value is the mean return of "
+             "the episodes ending in it, an empty window keeps the previous window's value, the windows before the "
+             "first episode ended take the first value, that of the episodes played during them). "
+             + ("Tasks in raw returns of different scales are not pooled: per task only. "
+                if not pooled and len(tasks) > 1 else "")
+             + "IQM and mean over runs with 95% stratified-bootstrap intervals; the final score is the one of the "
+             "tables above.", ""]
+    published = [arm for arm in matrices if arm.startswith("published:")]
+    for why, arms in (("published scores have no training curve", published),
+                      ("a run ended no episode", [arm for arm in matrices if arm not in auc and arm not in published])):
+        if arms:
+            lines += [f"No AUC for {', '.join(arms)}: {why}.", ""]
+    if not auc:
+        return lines[:-1]
+    if pooled:
+        agg = aggregate.aggregate(auc, reps=reps, seed=seed)
+        lines += ["| arm | runs per task | " + " | ".join(f"{m} AUC" for m in AUC_METRICS) + " |",
+                  "|---" * (len(AUC_METRICS) + 2) + "|"]
+        lines += [f"| {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in AUC_METRICS) + " |"
+                  for arm, x in auc.items()]
+        lines.append("")
+    lines += ["| task | arm | runs | " + " | ".join(f"{m} AUC" for m in AUC_METRICS) + " | min | max | mean final "
+              "score |", "|---" * (len(AUC_METRICS) + 6) + "|"]
+    for j, (t, column, agg) in enumerate(per_task_columns(auc, tasks, reps, seed)):
+        for arm, x in column.items():
+            lines.append(f"| {t} | {arm} | {x.shape[0]} | " + " | ".join(fmt(agg[arm][m]) for m in AUC_METRICS)
+                         + f" | {x.min():.3f} | {x.max():.3f} | {matrices[arm][:, j].mean():.3f} |")
+    pairs, skipped = {}, []
+    for pair in compare:
+        a, b = pair.split(",")
+        if a in auc and b in auc:
+            pairs[pair] = (auc[a], auc[b])
+        elif a in matrices and b in matrices:
+            skipped.append(pair)
+    if skipped:
+        lines += ["", f"Comparisons on AUC skipped (an arm has no AUC): {', '.join(skipped)}."]
+    if not pairs:
+        return lines
+    keyed = {(t, k): (x[:, j:j + 1], y[:, j:j + 1]) for k, (x, y) in pairs.items() for j, t in enumerate(tasks)}
+    if pooled:
+        keyed.update({("all tasks (pooled)", k): xy for k, xy in pairs.items()})
+    poi = aggregate.probability_of_improvement(keyed, reps=reps, seed=seed)
+    lines += ["", f"Comparisons on AUC: probability of improvement (as above, on AUC) and the relative change of the "
+              "mean AUC, a ratio of means (mean AUC of X / mean AUC of Y - 1, not a mean of per-run ratios; shown "
+              "only when the mean AUC of Y is positive: the ratio of a negative mean is meaningless).",
+              "", "| task | X, Y | P(X > Y) on AUC [95% CI] | mean AUC of X | mean AUC of Y | X / Y - 1 (ratio of "
+              "means) |", "|---|---|---|---|---|---|"]
+    for (t, k), p in poi.items():
+        x, y = keyed[(t, k)]
+        change = f"{100 * (x.mean() / y.mean() - 1):+.1f}%" if y.mean() > 0 else "—"
+        lines.append(f"| {t} | {k} | {fmt(p)} | {x.mean():.3f} | {y.mean():.3f} | {change} |")
+    return lines
+
+
 def section(rows, out, compare, reps, seed, points, make_figures, published, prefix="", depth=2, reach=None,
-            reach_window=10, keys=()):
+            reach_window=10, keys=(), auc=False):
     """The report body for one task group: (markdown lines, excluded (row, reason) pairs, runs used)."""
     h = "#" * depth
     group = {r["arm"] for r in rows}
@@ -547,13 +630,17 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
         poi = aggregate.probability_of_improvement(pairs, reps=reps, seed=seed)
         lines += ["", f"{h} Probability of improvement", "", "| X, Y | P(X > Y) [95% CI] |", "|---|---|"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in poi.items()]
+    need_curves = auc or (make_figures and not per_task)
+    curves, steps = curve_matrices(used, tasks, normalise, points) if need_curves else (None, None)
+    if auc:
+        lines += [""] + auc_lines(curves, matrices, tasks, compare, not per_task and len(tasks) > 1, label, points,
+                                  reps, seed, h)
     if reach:
         lines += [""] + reach_lines(used, tasks, reach, reach_window, reps, seed, h)
     logged = key_curves(used, list(keys), points) if keys else None
     if logged:
         lines += [""] + key_lines(logged, list(used), tasks, h)
     if make_figures:
-        curves, steps = (None, None) if per_task else curve_matrices(used, tasks, normalise, points)
         written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix,
                           metrics, per_task=task_curves(used, tasks, points) if per_task else None, keys=logged,
                           tasks=tasks)
@@ -563,11 +650,12 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
 
 def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
            points: int = 10, make_figures: bool = True, published: list[str] = (), reach: dict | None = None,
-           reach_window: int = 10, keys: list[str] | None = None) -> str:
+           reach_window: int = 10, keys: list[str] | None = None, auc: bool = False) -> str:
     """Write report.md (and figures) for a suite directory. Arms run on different task sets are reported in
     separate sections, one per task group (task_groups), each with its own aggregates, figures (file names
     prefixed g1_, g2_, ...) and comparisons; a comparison between arms of different groups is skipped with a note.
-    `keys`: logged scalars reported per task (key_curves, key_lines, key_figure)."""
+    `keys`: logged scalars reported per task (key_curves, key_lines, key_figure). `auc`: the area under each run's
+    training curve (auc_lines)."""
     t0 = time.time()
     out = out or suite_dir
     os.makedirs(out, exist_ok=True)
@@ -588,7 +676,7 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
             body += [f"## Group {k + 1}: {', '.join(arms)}", ""]
         lines, ex, n = section(group_rows, out, compare, reps, seed, points, make_figures, published,
                                prefix=f"g{k + 1}_" if len(groups) > 1 else "", depth=3 if len(groups) > 1 else 2,
-                               reach=reach, reach_window=reach_window, keys=keys or ())
+                               reach=reach, reach_window=reach_window, keys=keys or (), auc=auc)
         body += lines + [""]
         excluded += ex
         n_used += n
@@ -638,13 +726,17 @@ def main():
     parser.add_argument("--keys", nargs="+", default=[], metavar="KEY",
                         help="logged TensorBoard scalars (e.g. eval/episodic_return value/bias) to report per task: "
                              "a curve per arm and the last window's value over runs")
+    parser.add_argument("--auc", action="store_true",
+                        help="add the area under each run's training curve (mean return over its budget, --points "
+                             "windows) per arm and task, with probability of improvement and relative change for "
+                             "the --compare pairs")
     args = parser.parse_args()
     check_suite_dir(args.suite_dir)
     if args.reach_window < 1:
         raise SystemExit("error: --reach-window must be >= 1")
     print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points,
                  published=args.published, reach=parse_reach(args.reach), reach_window=args.reach_window,
-                 keys=args.keys))
+                 keys=args.keys, auc=args.auc))
 
 
 if __name__ == "__main__":

@@ -380,3 +380,99 @@ def test_keys_figure_per_group_from_the_command_line(tmp_path, monkeypatch):
         for ext in ("png", "pdf"):
             assert os.path.getsize(out / f"{name}.{ext}") > 1000, name
     assert "- `g1_keys.png`" in text.splitlines()
+
+
+@pytest.mark.parametrize("task", ["CartPole-v1", "MinAtar-Breakout"])
+def test_auc_of_a_run_by_hand(tmp_path, task):
+    """--auc: a run's AUC is the mean of its training-return curve over --points windows of [0, total_timesteps]
+    (here 5 windows of 200 steps; step = total counts in the last): a window's mean return, an empty window keeps
+    the previous window's value, the windows before the first episode take the first non-empty one's. Normalised
+    where the task has a reference (CartPole-v1: / 500), raw returns otherwise (MinAtar)."""
+    runs = tmp_path / "auc" / "runs"
+    # run 1: nothing in [0, 200); (2 + 4) / 2 in [200, 400); nothing in [400, 600); 10; 20 -> [3, 3, 3, 10, 20]
+    write_episodes(write_run(str(runs), "arm", task, 1, 20.0), [2.0, 4.0, 10.0, 20.0], steps=[250, 350, 650, 1000])
+    # run 2: (1 + 3) / 2 in [0, 200); nothing until 1000 -> [2, 2, 2, 2, 5]
+    write_episodes(write_run(str(runs), "arm", task, 2, 5.0), [1.0, 3.0, 5.0], steps=[100, 150, 1000])
+    by_hand = np.array([(3 + 3 + 3 + 10 + 20) / 5, (2 + 2 + 2 + 2 + 5) / 5])  # 7.8, 2.6
+    if task == "CartPole-v1":
+        by_hand = by_hand / 500
+    text = open(report.report(str(tmp_path / "auc"), str(tmp_path / "out"), reps=100, points=5,
+                              make_figures=False, auc=True)).read()
+    assert "## Area under the training curve" in text and "over 5 equal windows" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {task} | arm | 2 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4].startswith(f"{by_hand.mean():.3f} [")  # mean AUC over the two runs
+    assert cells[5:7] == [f"{by_hand.min():.3f}", f"{by_hand.max():.3f}"]  # lowest and highest AUC over runs
+    assert cells[7] == f"{(20.0 + 5.0) / 2 / (500 if task == 'CartPole-v1' else 1):.3f}"  # mean final score
+    used = {"arm": sorted((r for r in collect(str(runs))), key=lambda r: r["seed"])}
+    curves, _ = report.curve_matrices(used, [task], task == "CartPole-v1", 5)
+    np.testing.assert_allclose(curves["arm"].mean(axis=2)[:, 0], by_hand)
+
+
+def early_late_suite(tmp_path, tasks):
+    """Arms `early` and `late` with equal final scores on every run (seed s: F = 100 + 10 s, from a start of 0, or
+    -500 + ... on Acrobot-v1): `early` reaches F by step 300 of 1000, `late` ramps linearly to it at step 1000."""
+    runs = tmp_path / "el" / "runs"
+    for t in tasks:
+        start, final = (-500.0, lambda s: -100.0 - 10 * s) if t == "Acrobot-v1" else (0.0, lambda s: 100.0 + 10 * s)
+        for seed in range(1, 5):
+            f = final(seed)
+            for arm, reach in (("early", 300), ("late", 1000)):
+                run_dir = write_run(str(runs), arm, t, seed, f)
+                steps = list(range(100, 1001, 100))
+                write_episodes(run_dir, [start + (f - start) * min(1.0, s / reach) for s in steps], steps=steps)
+    return str(tmp_path / "el")
+
+
+@pytest.mark.parametrize("tasks", [("CartPole-v1", "Acrobot-v1"), ("MinAtar-Breakout", "MinAtar-Asterix")])
+def test_auc_separates_an_early_learner_from_a_late_one(tmp_path, tasks):
+    """Equal final scores (probability of improvement 0.5 on them), but `early` spends longer at its final return:
+    a larger AUC on every run, P(early > late) on AUC = 1 per task (and pooled where the group is normalised, not
+    for raw MinAtar returns) and a positive relative change, the ratio of the mean AUCs."""
+    suite_dir = early_late_suite(tmp_path, tasks)
+    text = open(report.report(suite_dir, str(tmp_path / "out"), compare=["early,late"], reps=200, points=10,
+                              make_figures=False, auc=True)).read()
+    lines = text.splitlines()
+    normalised = "CartPole-v1" in tasks
+    assert ("| early,late | 0.500 [" if normalised else f"| {tasks[0]} | early,late | 0.500 [") in text  # finals
+    rows = {line.split(" | ")[0][2:]: line for line in lines if "| early,late | " in line and line.count("|") == 7}
+    assert set(rows) == set(tasks) | ({"all tasks (pooled)"} if normalised else set())
+    for t, row in rows.items():
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[2].startswith("1.000 ["), row  # every early run's AUC is above every late run's
+        mean_x, mean_y = float(cells[3]), float(cells[4])
+        change = float(cells[5].rstrip("%")) / 100  # from the unrounded means: within the shown ones' rounding
+        assert mean_x > mean_y > 0 and change > 0, row
+        assert (mean_x - 5e-4) / (mean_y + 5e-4) - 1 - 5e-4 <= change <= (mean_x + 5e-4) / (mean_y - 5e-4) - 1 + 5e-4
+    # the mean AUCs by hand, in returns: F times the mean over windows of the ramp. Window k is [100 k, 100 k + 100):
+    # the first episode (step 100) is in window 1, so window 0 takes its value; steps 900 and 1000 share the last
+    ramp = {"early": np.mean([1 / 3, 1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1, 1]),
+            "late": np.mean([0.1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, (0.9 + 1.0) / 2])}
+    if not normalised:  # raw returns of two games: per task only, no pooled AUC table
+        assert "| arm | runs per task | IQM AUC | Mean AUC |" not in lines and "Tasks in raw returns" in text
+        finals = 100 + 10 * np.arange(1, 5)
+        for arm in ("early", "late"):
+            row = next(line for line in lines  # the AUC table's row (9 bars; the aggregates' row has 10)
+                       if line.startswith(f"| MinAtar-Breakout | {arm} | 4 |") and line.count("|") == 9)
+            assert row.split(" | ")[4].startswith(f"{finals.mean() * ramp[arm]:.3f} ["), row
+    else:
+        assert "| arm | runs per task | IQM AUC | Mean AUC |" in lines
+        assert "Tasks in raw returns" not in text
+
+
+def test_auc_off_leaves_the_report_unchanged(suite, tmp_path, monkeypatch):
+    """Without --auc the report is the one it was (no section, the same figures); with it, the same plus the
+    section (from the command line)."""
+    suite_dir, _ = suite
+    plain = open(report.report(suite_dir, str(tmp_path / "p"), compare=["method,base"], reps=100, points=5)).read()
+    monkeypatch.setattr(sys, "argv", ["report", suite_dir, "--out", str(tmp_path / "a"), "--reps", "100", "--points",
+                                      "5", "--compare", "method,base", "--auc"])
+    report.main()
+    lines = (tmp_path / "a" / "report.md").read_text().splitlines()
+    assert "Area under" not in plain
+    start = lines.index("## Area under the training curve")
+    end = start + next(k for k, x in enumerate(lines[start + 1:], 1) if x.startswith("## "))
+    strip = lambda s: [x for x in s if not x.startswith("Report built")]  # noqa: E731
+    assert strip(lines[:start - 1] + lines[end - 1:]) == strip(plain.splitlines())
+    assert "| method,base |" in plain and "- `sample_efficiency.png`" in plain
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "p"))
