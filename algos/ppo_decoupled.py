@@ -24,10 +24,12 @@ Differences from the base script (`diff algos/ppo.py algos/ppo_decoupled.py` sho
   - `Agent` builds either layout: pixels with two Nature CNNs (separate) or ppo.py's shared one, vectors with ppo.py's
     two MLPs (separate) or one 64-64 trunk under linear heads (shared); in PPO-sep's policy phase its forward pass
     skips the value network; a checkpoint is evaluated only with the layout it was trained with;
-  - the decoupled block of functions: the encoders' layers and passes, MICo (`SafeSqrt`, `representation_distances`
-    and `mico_loss` as dqn_mico.py's, with a terminal mask), the Polyak target update, the dynamics discriminator
-    (`DynamicsHead`, `wrong_actions`, `dynamics_loss`), the 2-D random shift and DrA/DrC, `Auxiliary` (their state),
-    `parameter_counts` and `FlopMeter`;
+  - a block of functions: each side's encoder and its passes (`encoder_layers`, `representation_width`,
+    `network_input`, `represent`, `actor_output`, `critic_values`, `value_loss`), MICo (`SafeSqrt` and
+    `representation_distances` as dqn_mico.py's, `mico_loss` with a terminal mask, `polyak_update`), the dynamics
+    discriminator (`DynamicsHead`, `wrong_actions`, `dynamics_loss`), the 2-D random shift (`shift_offsets`,
+    `shift_frames`) with `dra_loss` and `drc_loss`, `Auxiliary` (the losses' state), `parameter_counts`,
+    `record_param_counts`, `FlopMeter` and `checkpoint_encoders`;
   - in the training loop: the policy phase's actor-only loss, the auxiliary losses added to the minibatch losses,
     the critic phase after the PPO epochs, the target updates, and the `aux/` and `compute/flops` logs;
     config.json's parameter counts and summary.json's FLOP totals.
@@ -207,7 +209,8 @@ class Args:
     """weight of the angular term of the MICo distance [official 0.1: BU:44]"""
     mico_tau: float = 0.005
     """Polyak rate of the target encoders that give MICo's targets, applied after every optimizer step with a MICo
-    loss (detail 6) [official 0.005: --target_smoothing_coef in the MICo exp files; update at SEP:926-927]"""
+    loss (detail 6) [official 0.005: --target_smoothing_coef=0.005 in the MICo exp files (the script's default 0.0,
+    SEP:163, would freeze the targets); update at SEP:926-927]"""
     dynamics_actor_coef: float = 0.0
     """weight of the dynamics discriminator on the actor's encoder, in the policy minibatch loss (detail 7) [official
     D(A) polp 0.25: markov_coef_a_pol_phase, SEP:149 and SEP:1140-1144] (discrete actions only)"""
@@ -222,7 +225,8 @@ class Args:
     [official 0.1: drC_loss_coef, SEP:141 and SEP:1308-1314] (pixels only)"""
     aug_pad: int = 12
     """pixels of edge padding of the random shift of DrA/DrC: each frame is padded on height and width and a window
-    of the original size is cropped at a random offset (detail 8) [official 12 on 64x64 Procgen frames: SEP:889, DA:5-15]"""
+    of the original size is cropped at a random offset (detail 8) [official 12 on 64x64 Procgen frames: SEP:889,
+    DA:5-15]"""
 
 
 class UserError(Exception):
@@ -391,7 +395,7 @@ def resolve_args(args: Args):
         raise UserError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch or use --device cpu)")
     if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
         raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
-    # Decoupled representations (docs/ppo_decoupled.md): coefficients, and the combinations the method has no meaning for
+    # Decoupled representations (docs/ppo_decoupled.md): coefficients, and combinations the method gives no meaning
     for name in ("mico_actor_coef", "mico_critic_coef", "mico_beta", "dynamics_actor_coef", "dynamics_critic_coef",
                  "dra_coef", "drc_coef"):
         if not getattr(args, name) >= 0:
@@ -900,9 +904,10 @@ def wrong_actions(actions: torch.Tensor, n_actions: int, generator: torch.Genera
 
 
 def dynamics_loss(head, z, actions, z_next, wrong, perm):
-    """The discriminator's loss (detail 7; SEP:1015-1028, utils/__init__.py:132-135): BCE-with-logits on real transitions
-    (z, a, z') labelled 1, plus 0.5 x on (z, wrong action, z') and 1 x on (z, a, z'[perm]) labelled 0. Gradients reach
-    z and z' (both from the online encoder). Returns (loss, the fraction of the 3B discriminations that are right)."""
+    """The discriminator's loss (detail 7; SEP:1015-1028, utils/__init__.py:132-135): BCE-with-logits on real
+    transitions (z, a, z') labelled 1, plus 0.5 x on (z, wrong action, z') and 1 x on (z, a, z'[perm]) labelled 0.
+    Gradients reach z and z' (both from the online encoder). Returns (loss, the fraction of the 3B discriminations
+    that are right)."""
     bce = nn.functional.binary_cross_entropy_with_logits
     real, bad_action, bad_next = head(z, actions, z_next), head(z, wrong, z_next), head(z, actions, z_next[perm])
     loss = (bce(real, torch.ones_like(real)) + 0.5 * bce(bad_action, torch.zeros_like(bad_action))
@@ -950,9 +955,9 @@ class Auxiliary:
 
     def __init__(self, agent, args: Args, n_actions: int, device):
         self.args, self.n_actions, self.device = args, n_actions, device
-        self.coefs = {"actor": {"mico": args.mico_actor_coef, "dynamics": args.dynamics_actor_coef, "dr": args.dra_coef},
-                      "critic": {"mico": args.mico_critic_coef, "dynamics": args.dynamics_critic_coef,
-                                 "dr": args.drc_coef}}
+        self.coefs = {
+            "actor": {"mico": args.mico_actor_coef, "dynamics": args.dynamics_actor_coef, "dr": args.dra_coef},
+            "critic": {"mico": args.mico_critic_coef, "dynamics": args.dynamics_critic_coef, "dr": args.drc_coef}}
         self.on = any(value > 0 for side in self.coefs.values() for value in side.values())
         # with a critic phase the critic's losses go there; the policy minibatch then trains the actor alone (detail 9)
         self.policy_sides = ("actor",) if args.critic_phase_epochs else ("actor", "critic")
@@ -1013,7 +1018,8 @@ class Auxiliary:
                 total = total + coef["dynamics"] * loss
                 logs[f"dynamics_{side}"], logs[f"dynamics_{side}_accuracy"] = loss.detach(), accuracy
             if coef["dr"] > 0:
-                shifted = shift_frames(obs, self.args.aug_pad, shift_offsets(len(obs), self.args.aug_pad, self.generator))
+                offsets = shift_offsets(len(obs), self.args.aug_pad, self.generator)
+                shifted = shift_frames(obs, self.args.aug_pad, offsets)
                 loss = dra_loss(agent, shifted, actions) if side == "actor" else drc_loss(agent, shifted, returns)
                 total = total + coef["dr"] * loss
                 logs["dra" if side == "actor" else "drc"] = loss.detach()
@@ -1428,7 +1434,7 @@ def run(args: Args) -> dict:
                     loss, loss_stats = ppo_loss(agent, *batch, args)[:2]
                     if not math.isfinite(loss.item()):
                         raise Diverged(f"non-finite PPO loss ({loss.item()}) at global_step={global_step}")
-                    if aux.on:  # Decoupled: the actor's auxiliary losses, and the critic's without a critic phase (detail 9)
+                    if aux.on:  # Decoupled: the actor's auxiliary losses, the critic's with no critic phase (detail 9)
                         aux_loss, aux_logs = aux.losses(agent, aux.policy_sides, mb_t, batch[0], batch[1], batch[4],
                                                         dict(aux.latest))
                         loss = loss + aux_loss
@@ -1455,7 +1461,9 @@ def run(args: Args) -> dict:
                     break
             # Decoupled, PPO-sep's critic phase (docs/ppo_decoupled.md, detail 3): N epochs of value regression to the
             # rollout's fixed GAE returns on the critic alone (the actor's parameters get no gradient, so Adam skips
-            # them, and the clipping sees the critic's gradient only), plus the critic's auxiliary losses
+            # them, and the clipping sees the critic's gradient only), plus the critic's auxiliary losses; minibatches
+            # of single valid steps from a generator of their own, as ppo.py's epochs (the official ones are whole env
+            # rollouts, SEP:1062-1082)
             for critic_epoch in range(args.critic_phase_epochs):
                 for mb in minibatches(valid_buf, args.num_minibatches, critic_rng):
                     mb_t = torch.from_numpy(mb).to(device)

@@ -83,7 +83,8 @@ def test_separate_encoders_share_no_parameter_and_shared_ones_share_the_trunk(de
         trunk = {f"trunk.{name}" for name, _ in agent.trunk.named_parameters()}
         if encoders == "separate":
             assert not policy & value and policy and value
-            assert all(name.startswith("actor.") for name in policy) and all(name.startswith("critic.") for name in value)
+            assert all(name.startswith("actor.") for name in policy)
+            assert all(name.startswith("critic.") for name in value)
             assert not trunk
             # the diagnostics see both networks: the critic's hidden layers are named critic.* (ppo.py's srank/critic)
             names = [name for name, _, _ in hidden]
@@ -152,8 +153,9 @@ def test_ppo_py_layout_with_every_loss_off_is_ppo_py(runs, env_id, settings, enc
     ("Breakout-v5", ATARI, dict(drc_coef=0.1), ["drc"]),
 ])
 def test_each_auxiliary_loss_changes_the_run(runs, env_id, settings, flags, logged):
-    """The logged losses differ from those of the run without the loss. Episodes are not the test: a critic-side loss reaches the policy only through the
-    advantages, which rarely flips a sampled action in a short run, and these Breakout episodes all end at the cap."""
+    """The logged losses differ from those of the run without the loss. Episodes are not the test: a critic-side loss
+    reaches the policy only through the advantages, which rarely flips a sampled action in a short run, and these
+    Breakout episodes all end at the cap."""
     off = runs("ppo_decoupled", env_id, settings)
     on = runs("ppo_decoupled", env_id, settings, **flags)
     scalars, base = read_scalars(on), read_scalars(off)
@@ -302,12 +304,14 @@ def test_critic_phase_moves_one_network_per_phase(dec, tmp_path, monkeypatch):
         def step(self, *a, **k):
             before = {p: p.detach().clone() for g in self.param_groups for p in g["params"]}
             out = super().step(*a, **k)
-            steps.append(({p for p in before if p.grad is not None}, {p for p in before if not torch.equal(p, before[p])}))
+            moved = {p for p in before if not torch.equal(p, before[p])}
+            steps.append(({p for p in before if p.grad is not None}, moved))
             return out
 
     record = dec.record_param_counts
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
-    monkeypatch.setattr(dec, "record_param_counts", lambda run_dir, agent: agents.append(agent) or record(run_dir, agent))
+    monkeypatch.setattr(dec, "record_param_counts",
+                        lambda run_dir, agent: agents.append(agent) or record(run_dir, agent))
     run = run_in_process(dec, tmp_path, "phase", "CartPole-v1", dict(SMOKE, total_timesteps=256, metrics_every=0),
                          update_epochs=2, num_minibatches=2, critic_phase_epochs=3, mico_actor_coef=0.25,
                          dynamics_critic_coef=1.0)
@@ -332,8 +336,8 @@ def test_mico_targets_follow_their_encoders_after_each_step(dec, tmp_path, monke
     update = dec.polyak_update
     monkeypatch.setattr(dec, "polyak_update", lambda t, o, tau: calls.append(tau) or update(t, o, tau))
     run_in_process(dec, tmp_path, "mico", "CartPole-v1", dict(SMOKE, total_timesteps=128, metrics_every=0),
-                   update_epochs=1, num_minibatches=2, critic_phase_epochs=1, mico_actor_coef=0.25, mico_critic_coef=0.5,
-                   mico_tau=0.3)
+                   update_epochs=1, num_minibatches=2, critic_phase_epochs=1, mico_actor_coef=0.25,
+                   mico_critic_coef=0.5, mico_tau=0.3)
     assert calls == [0.3] * (2 * 2 + 2 * 2)  # 2 policy steps and 2 critic steps, each moving both targets
 
 
@@ -440,7 +444,8 @@ def test_minatar_with_the_critic_phase_and_every_loss(dec, tmp_path):
                          **ALL_ACTOR, **ALL_CRITIC)
     summary = read_json(os.path.join(run, "summary.json"))
     assert summary["status"] == "completed" and summary["critic_updates"] == 4 * 2 * 2
-    assert {f"aux/{k}" for k in ("mico_actor", "mico_critic", "dynamics_actor", "dynamics_critic")} <= read_scalars(run).keys()
+    logged = read_scalars(run).keys()
+    assert {f"aux/{k}" for k in ("mico_actor", "mico_critic", "dynamics_actor", "dynamics_critic")} <= logged
 
 
 @pytest.mark.parametrize("encoders, flags", [
