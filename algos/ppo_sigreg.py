@@ -721,17 +721,17 @@ def random_directions(num: int, dim: int, generator: torch.Generator, device) ->
 
 
 def representation_layers(agent, sigreg_on: str) -> dict[str, nn.Module]:
-    """The Linear layers whose outputs (pre-activations) SIGReg acts on (detail 2), by name: pixels, the shared trunk's
-    last Linear, fc1 (the official code regularises its trunk's output, which the heads pass through a ReLU); vectors,
-    the last hidden Linear of the policy and/or the value MLP, fc2 (the one before the output layer)."""
-    def last_hidden(seq: nn.Sequential, prefix: str, skip_output: bool):
-        linears = [(prefix + name, m) for name, m in seq.named_children() if isinstance(m, nn.Linear)]
-        return linears[-2] if skip_output else linears[-1]
+    """The Linear layers whose outputs (pre-activations) SIGReg acts on (detail 2), by name: a shared trunk's last
+    Linear (pixels: fc1; the official code regularises its trunk's output, which the heads pass through a ReLU), or,
+    where the networks share nothing (vectors), the last hidden Linear of the policy and/or the value MLP (fc2, the
+    one before the output layer)."""
+    def linears(seq: nn.Sequential, prefix: str):
+        return [(prefix + name, m) for name, m in seq.named_children() if isinstance(m, nn.Linear)]
 
-    if agent.pixel:
-        return dict([last_hidden(agent.trunk, "", False)])
+    if linears(agent.trunk, ""):
+        return dict(linears(agent.trunk, "")[-1:])
     sides = ("actor", "critic") if sigreg_on in ("auto", "both") else (sigreg_on,)
-    return dict(last_hidden(getattr(agent, side), side + ".", True) for side in sides)
+    return dict(linears(getattr(agent, side), side + ".")[-2] for side in sides)
 
 
 def representation_diagnostics(z: torch.Tensor, directions: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
