@@ -2,8 +2,9 @@
 
 Paper: "Studying the Interplay Between the Actor and Critic Representations in Reinforcement Learning", Samuel Garcin,
 Trevor McInroe, Pablo Samuel Castro, Christopher G. Lucas, David Abel, Prakash Panangaden, Stefano V. Albrecht, ICLR
-2025. Official code: https://github.com/francelico/deac-rep (JAX, read at commit 4dd6111). Citations below name its
-files under procgen_experiments/: SEP = train_scripts/runstate_ppo_sep_mico_c_procgen.py, SH =
+2025, https://arxiv.org/abs/2503.06343. Official code: https://github.com/francelico/deac-rep (JAX, read at commit
+4dd6111; only the paper's abstract was read, so every mechanism and default below is the official code's). Citations
+name its files under procgen_experiments/: SEP = train_scripts/runstate_ppo_sep_mico_c_procgen.py, SH =
 train_scripts/runstate_ppo_shared_mico_c_procgen.py, BU = utils/bisim_util.py, DA = utils/data_augmentation.py.
 
 Method: the paper compares an actor-critic whose policy and value heads read one encoder (PPO-sh) with one where the
