@@ -196,9 +196,10 @@ class Args:
     critic_phase_epochs: int = 0
     """0: ppo.py's joint minibatch loss. N > 0: PPO-sep's schedule (detail 3): the --update-epochs PPO epochs train the
     actor alone (no value loss), then N epochs of --num-minibatches minibatches train the critic alone on the rollout's
-    fixed GAE returns, gradients clipped per network [paper runs: 1 policy epoch and 9 critic epochs, SEP:111 and
-    SEP:113, i.e. --update-epochs 1 --critic-phase-epochs 9; the official value loss is unclipped (SEP:797-799), i.e.
-    --no-clip-vloss] (needs --encoders separate)"""
+    fixed GAE returns, gradients clipped per network. The paper's runs: --update-epochs 1 --critic-phase-epochs 9
+    --no-clip-vloss (SEP:111, SEP:113; the official value loss is unclipped, SEP:797-799: with ppo.py's clipping the
+    gradient of a value stops once it has moved clip-coef toward its target, which 9 epochs soon reach) (detail 4)
+    (needs --encoders separate)"""
     mico_actor_coef: float = 0.0
     """weight of MICo on the actor's encoder, in the policy minibatch loss (detail 5) [official MICo(A) polp 0.25:
     mico_coef_actor_pol_phase, SEP:157 and SEP:1147-1151, exp file PPO-sep-MICo(A)[polp]-v12]"""
@@ -850,16 +851,16 @@ def representation_distances(first: torch.Tensor, second: torch.Tensor, beta: fl
     return norm_average + beta * torch.atan2(SafeSqrt.apply(1.0 - cos.square()), cos)
 
 
-def mico_loss(online_rep, target_rep, target_next_rep, rewards, next_mask, gamma: float, beta: float):
+def mico_loss(online_rep, target_rep, target_next_rep, rewards, gamma: float, beta: float):
     """L_MICo (detail 5): Huber (delta 1) between the online distances U(phi(x_i), phi_target(x_j)) and the constant
-    targets |r_i - r_j| + gamma * m_i * m_j * U(phi_target(x'_i), phi_target(x'_j)) over all B^2 ordered pairs, mean
-    (BU:97-126, SEP:1092-1113). m = 1 - terminated: a pair with a terminated step keeps only its reward difference
-    (the official code zeroes a done step's next observation instead, SEP:1189-1192). Returns (loss, online U)."""
+    targets |r_i - r_j| + gamma * U(phi_target(x'_i), phi_target(x'_j)) over all B^2 ordered pairs, mean (BU:97-126,
+    SEP:1092-1113; as dqn_mico.py's). No terminal mask: the official code's x' of an episode's last step is its final
+    frame too (it zeroes only the auto-reset steps' x', SEP:1189-1192, which never reach this loss here). Returns
+    (loss, online U)."""
     target_rep, target_next_rep = target_rep.detach(), target_next_rep.detach()
     with torch.no_grad():
-        pair_mask = next_mask[:, None] * next_mask[None, :]
         target = ((rewards[:, None] - rewards[None, :]).abs()
-                  + gamma * pair_mask * representation_distances(target_next_rep, target_next_rep, beta))
+                  + gamma * representation_distances(target_next_rep, target_next_rep, beta))
     online = representation_distances(online_rep, target_rep, beta)
     return nn.functional.smooth_l1_loss(online, target), online
 
@@ -962,16 +963,17 @@ class Auxiliary:
         self.on = any(value > 0 for side in self.coefs.values() for value in side.values())
         # with a critic phase the critic's losses go there; the policy minibatch then trains the actor alone (detail 9)
         self.policy_sides = ("actor",) if args.critic_phase_epochs else ("actor", "critic")
-        self.generator = torch.Generator().manual_seed(args.seed + 7_919)  # negatives, permutations, shifts
+        # negatives, permutations, shifts: a stream of its own, derived from the seed (docs/conventions.md)
+        self.generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, 6]).generate_state(1)[0]))
         self.targets = {side: copy.deepcopy(encoder_layers(agent, side)).requires_grad_(False)
                         for side in ("actor", "critic") if self.coefs[side]["mico"] > 0}
         for k, side in enumerate(("actor", "critic")):
             if self.coefs[side]["dynamics"] > 0:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(args.seed + 104_723 + k)
+                    torch.manual_seed(int(np.random.SeedSequence([args.seed, 7, k]).generate_state(1)[0]))
                     head = DynamicsHead(representation_width(agent, side), n_actions)
                 agent.add_module(f"dynamics_{side}", head.to(device))
-        self.next_obs = self.rewards = self.next_mask = self.ends = None
+        self.next_obs = self.rewards = None
         self.latest: dict[str, torch.Tensor] = {}
         for side in ("actor", "critic"):
             if self.coefs[side]["mico"] > 0 or self.coefs[side]["dynamics"] > 0:
@@ -986,15 +988,13 @@ class Auxiliary:
                 self.latest[side] = out
         return hook
 
-    def set_rollout(self, obs_buf, next_obs, rewards_buf, terminated_buf, done_buf):
+    def set_rollout(self, obs_buf, next_obs, rewards_buf):
         """Per rollout: step t's next observation is obs[t + 1] (next_obs after the last step; after a step that ends
-        an episode, EnvPool's next-step auto-reset makes it that episode's final observation), its learning reward
-        (after clipping or normalisation), 1 - terminated, and whether it ended an episode (detail 5)."""
+        an episode, EnvPool's next-step auto-reset makes it that episode's final observation, as the official code's)
+        and its learning reward (after clipping or normalisation) (detail 5)."""
         num_steps, num_envs = rewards_buf.shape
         self.next_obs = torch.cat([obs_buf[1:], next_obs[None]]).reshape(num_steps * num_envs, *obs_buf.shape[2:])
         self.rewards = torch.from_numpy(rewards_buf.reshape(-1)).to(self.device)
-        self.next_mask = torch.from_numpy(1.0 - terminated_buf.reshape(-1)).to(self.device)
-        self.ends = torch.from_numpy(done_buf.reshape(-1) > 0).to(self.device)
 
     def losses(self, agent, sides, mb, obs, actions, returns, reps) -> tuple[torch.Tensor, dict]:
         """The weighted sum of `sides`' auxiliary losses on the minibatch of rollout indices `mb` (details 5, 7, 8),
@@ -1005,14 +1005,13 @@ class Auxiliary:
             if coef["mico"] > 0:
                 with torch.no_grad():
                     target = represent(agent, side, torch.cat([obs, self.next_obs[mb]]), self.targets[side])
-                loss, _ = mico_loss(reps[side], target[: len(mb)], target[len(mb):], self.rewards[mb],
-                                    self.next_mask[mb], self.args.gamma, self.args.mico_beta)
+                loss, _ = mico_loss(reps[side], target[: len(mb)], target[len(mb):], self.rewards[mb], self.args.gamma,
+                                    self.args.mico_beta)
                 total = total + coef["mico"] * loss
                 logs[f"mico_{side}"] = loss.detach()
-            keep = ~self.ends[mb]  # steps that end an episode are left out (detail 7)
-            if coef["dynamics"] > 0 and keep.sum() > 0:
-                z, a = reps[side][keep], actions[keep]
-                z_next = represent(agent, side, self.next_obs[mb][keep])
+            if coef["dynamics"] > 0:  # every valid step, an episode's last with its final frame (detail 7)
+                z, a = reps[side], actions
+                z_next = represent(agent, side, self.next_obs[mb])
                 wrong = wrong_actions(a, self.n_actions, self.generator)
                 perm = torch.randperm(len(a), generator=self.generator).to(a.device)
                 loss, accuracy = dynamics_loss(getattr(agent, f"dynamics_{side}"), z, a, z_next, wrong, perm)
@@ -1065,7 +1064,8 @@ class FlopMeter:
     minibatch's, the GAE bootstrap's forward pass) while it runs, so nothing is recomputed and no result or random
     stream changes; each later occurrence adds that count per sample times its number of samples. Counted: matrix
     products and convolutions, forward and backward (FlopCounterMode's ops); not the optimizer, the diagnostics or
-    the evaluations."""
+    the evaluations. MICo's cost grows with the square of the minibatch and is mostly elementwise (angles, Huber):
+    its count is approximate and far below its CPU time, so read wall-clock as cost (detail 10)."""
 
     open_counters: list = []  # a counter an exception left open is closed by run()'s finally
 
@@ -1419,7 +1419,7 @@ def run(args: Args) -> dict:
             b_values = torch.from_numpy(values_buf.reshape(-1)).to(device)
             aux_logs, critic_logs = {}, {}  # Decoupled: the last minibatch's aux/ logs of each phase (detail 9)
             if aux.on:
-                aux.set_rollout(obs_buf, next_obs, rewards_buf, terminated_buf, done_buf)
+                aux.set_rollout(obs_buf, next_obs, rewards_buf)
 
             clipfracs = []
             for epoch in range(args.update_epochs):  # minibatch epochs (detail 10)

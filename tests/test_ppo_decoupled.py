@@ -184,21 +184,68 @@ def test_mico_loss_against_hand_computation(dec):
     online = torch.tensor([[1.0, 0.5], [-0.5, 2.0], [0.3, -1.0]], requires_grad=True)
     target = torch.tensor([[0.8, 0.1], [-1.0, 1.5], [0.2, -0.7]], requires_grad=True)
     target_next = torch.tensor([[2.0, 0.0], [0.5, 0.5], [-1.0, 3.0]])
-    rewards, mask = torch.tensor([1.0, 0.0, -0.5]), torch.tensor([1.0, 0.0, 1.0])  # step 1 terminated
+    rewards = torch.tensor([1.0, 0.0, -0.5])
     gamma, beta = 0.9, 0.1
-    loss, online_u = dec.mico_loss(online, target, target_next, rewards, mask, gamma, beta)
+    loss, online_u = dec.mico_loss(online, target, target_next, rewards, gamma, beta)
     expected = 0.0
     for i in range(3):
         for j in range(3):
             u = mico_distance(online[i].tolist(), target[j].tolist(), beta)
             assert online_u[i, j].item() == pytest.approx(u, rel=1e-5)
             t = abs(rewards[i] - rewards[j]).item()
-            if mask[i] and mask[j]:  # a pair with the terminated step keeps its reward difference only
-                t += gamma * mico_distance(target_next[i].tolist(), target_next[j].tolist(), beta)
+            t += gamma * mico_distance(target_next[i].tolist(), target_next[j].tolist(), beta)
             expected += huber(u - t) / 9
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert online.grad is not None and online.grad.abs().sum() > 0 and target.grad is None  # targets are constants
+
+
+def test_next_observations_are_the_following_steps_and_the_rollouts_next_obs(dec, tmp_path, monkeypatch):
+    """x' of step t is obs[t + 1] and, after the rollout's last step, the next_obs the rollout ended on: on a CartPole
+    rollout with episode ends, every valid step that ended an episode has as x' the episode's final observation (the
+    one EnvPool returned with the done flag, recorded here from the env), as the official code's; the auto-reset
+    steps that follow are never trained on. The dynamics loss sees every valid step."""
+    seen = {}
+    set_rollout = dec.Auxiliary.set_rollout
+
+    def spy(self, obs_buf, next_obs, rewards_buf):
+        set_rollout(self, obs_buf, next_obs, rewards_buf)
+        seen.setdefault("obs", obs_buf.clone()), seen.setdefault("next", next_obs.clone())
+        seen.setdefault("x_next", self.next_obs.clone())
+
+    losses = dec.Auxiliary.losses
+
+    def spy_losses(self, agent, sides, mb, obs, actions, returns, reps):
+        seen.setdefault("dynamics_batch", (len(mb), len(reps["critic"])))
+        return losses(self, agent, sides, mb, obs, actions, returns, reps)
+
+    finals = []
+    make_env = dec.make_env
+
+    def recording_env(*args, **kwargs):
+        env = make_env(*args, **kwargs)
+        step = env.step
+
+        def recording_step(actions):
+            out = step(actions)
+            finals.append((out[0].copy(), out[2] | out[3]))
+            return out
+        env.step = recording_step
+        return env
+
+    monkeypatch.setattr(dec.Auxiliary, "set_rollout", spy)
+    monkeypatch.setattr(dec.Auxiliary, "losses", spy_losses)
+    monkeypatch.setattr(dec, "make_env", recording_env)
+    run_in_process(dec, tmp_path, "next", "CartPole-v1", dict(SMOKE, total_timesteps=128, update_epochs=1,
+                                                              num_minibatches=1), dynamics_critic_coef=1.0)
+    obs, nxt, x_next = seen["obs"], seen["next"], seen["x_next"].reshape(seen["obs"].shape)
+    assert torch.equal(x_next[:-1], obs[1:]) and torch.equal(x_next[-1], nxt)
+    ends = [(t, e) for t, (_, done) in enumerate(finals[:64]) for e in np.flatnonzero(done)]
+    assert ends  # CartPole episodes end within 64 random steps
+    for t, e in ends:  # the observation returned with the done flag is x' of step t
+        assert torch.allclose(x_next[t, e], torch.from_numpy(finals[t][0][e]).float())
+    valid = sum(1 for t in range(64) for e in range(2) if not (t > 0 and finals[t - 1][1][e]))
+    assert seen["dynamics_batch"] == (valid, valid)
 
 
 def test_polyak_update_by_hand(dec):
