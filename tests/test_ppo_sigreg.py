@@ -29,7 +29,8 @@ def ppo():
     return load_script("ppo")
 
 
-def grid(sigreg_module, t_max=5.0, num=8):
+def grid(t_max=5.0, num=8):
+    """The default grid of t in float64, as the script builds it (torch.linspace(-t_max, t_max, T))."""
     return torch.linspace(-t_max, t_max, num, dtype=torch.float64)
 
 
@@ -61,7 +62,7 @@ def test_statistic_against_a_hand_computation(sigreg):
 def test_statistic_matches_the_official_loop_form(sigreg):
     """The official code loops over the grid: sum over t of mean over slices, divided by T. Same value."""
     torch.manual_seed(0)
-    z, a, t = torch.randn(50, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64), grid(sigreg)
+    z, a, t = torch.randn(50, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64), grid()
     a = a / a.norm(dim=1, keepdim=True)
     s = (z @ a.T).T  # (M, B)
     loop = 0.0
@@ -75,7 +76,7 @@ def test_statistic_is_near_zero_for_standard_normal_samples_and_large_otherwise(
     (every row the same point 0) has phi = 1 for every t: the statistic is mean_t (1 - exp(-t^2/2))^2, exactly.
     Scaled, shifted or rank-one Gaussians are far from zero too."""
     gen = torch.Generator().manual_seed(3)
-    t = grid(sigreg)
+    t = grid()
     a = sigreg.random_directions(16, 32, gen, "cpu").double()
     normal = torch.randn(4096, 32, generator=gen, dtype=torch.float64)
     near = sigreg.sigreg_loss(normal, a, t)[0].item()
