@@ -245,9 +245,10 @@ def test_behaviour_snapshots(vaco):
 def test_behaviour_at_iteration_k_is_the_learner_of_iteration_k_minus_lag(vaco, tmp_path, monkeypatch):
     """Spy on the rollout's get_action_and_value and on the minibatch loss: every action of iteration k's rollout comes
     from the weights the learner had at the start of iteration k - L's update (the initial weights for k <= L), and the
-    learner's own weights are back for the update."""
+    learner's own weights are back for the update; there, the old values are the learner's critic's (aligned) and the
+    old log-probabilities and distributions mu's (stale from the second iteration on)."""
     lag, iterations = 2, 6
-    acting, updating = [], []
+    acting, updating, aligned, stale = [], [], [], []
     act, loss = vaco.Agent.get_action_and_value, vaco.vaco_loss
 
     def flat(agent):
@@ -257,9 +258,15 @@ def test_behaviour_at_iteration_k_is_the_learner_of_iteration_k_minus_lag(vaco, 
         acting.append(flat(self))
         return act(self, *a, **kw)
 
-    def spy_loss(agent, *a, **kw):
+    def spy_loss(agent, obs, actions, old_logprobs, advantages, returns, old_values, mu_out, args):
         updating.append(flat(agent))
-        return loss(agent, *a, **kw)
+        with torch.no_grad():  # aligned: old values are the learner's own critic, the targets are advantages + them
+            policy_out, values, _ = agent(obs)
+            aligned.append(torch.allclose(values, old_values, atol=1e-5)
+                           and torch.allclose(returns, advantages + old_values, atol=1e-5))
+            stale.append(not torch.allclose(agent.log_prob_entropy(policy_out, actions)[0], old_logprobs, atol=1e-4)
+                         and not torch.allclose(torch.log_softmax(policy_out, -1), torch.log_softmax(mu_out, -1)))
+        return loss(agent, obs, actions, old_logprobs, advantages, returns, old_values, mu_out, args)
 
     monkeypatch.setattr(vaco.Agent, "get_action_and_value", spy_act)
     monkeypatch.setattr(vaco, "vaco_loss", spy_loss)
@@ -275,6 +282,8 @@ def test_behaviour_at_iteration_k_is_the_learner_of_iteration_k_minus_lag(vaco, 
             assert not torch.equal(rollout_weights[k - 1][0], update_start[k - 1])
     lags = [v for _, v in read_scalars(run_dir)["vaco/policy_lag"]]
     assert lags == [0, 1, 2, 2, 2, 2]
+    assert aligned[::2] == [True] * iterations  # checked at the start of each update
+    assert stale[::2] == [False] + [True] * (iterations - 1)  # mu's log-probabilities and distributions
 
 
 # ---------------------------------------------------------------------------------------------------------------
