@@ -783,6 +783,10 @@ def asyppo_networks(agent, args: Args):
     (nn.Linear, then layer_init), in ppo.py's order (the policy, then critic 0, 1, ...), from a copy of torch's
     generator (fork_rng): they are the draws ppo.py would make next, and the global stream (action sampling) is left
     as ppo.py leaves it."""
+    value_head = isinstance(getattr(agent.critic, "out", None), nn.Linear)  # ppo.py's layout: the method builds on it
+    if not (value_head and (len(agent.critic) == 1 if agent.pixel else hasattr(agent.actor, "act1"))):
+        raise UserError("AsyPPO builds its critics on ppo.py's networks (an MLP policy on vectors, a value head on the "
+                        "shared trunk on pixels); these flags build another layout")
     device = next(agent.parameters()).device
     with torch.random.fork_rng(devices=[]):
         if agent.pixel:  # M linear heads on the 512 trunk features; head 0 is ppo.py's value head

@@ -7,8 +7,8 @@ an Atari run with value heads on the shared trunk, and bad input."""
 
 from __future__ import annotations
 
-import math
 import os
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -227,6 +227,19 @@ def test_new_layers_are_ppo_py_draws_and_leave_the_global_stream(asy, ppo):
     wide, _ = vector_agent(asy, actor_width=256, critic_width=32)
     assert wide.actor.fc2.weight.shape == (256, 256) and wide.critic.fc2.weight.shape == (64, 64)
     assert isinstance(wide.actor.act1, torch.nn.ReLU) and isinstance(wide.critic.act2, torch.nn.ReLU)  # MinAtar's
+
+
+def test_networks_refuse_a_layout_other_than_ppo_py(asy):
+    """Layouts of ppo_decoupled.py (composed): a policy head on a shared vector trunk, or a pixel critic with its own
+    CNN, are one UserError, not a crash or a silently dropped network."""
+    agent = asy.Agent((7,), 3, False)
+    agent.actor = torch.nn.Sequential(OrderedDict([("out", torch.nn.Linear(64, 3))]))
+    with pytest.raises(asy.UserError, match="ppo.py's networks"):
+        asy.asyppo_networks(agent, asy.Args(actor_width=64, critic_width=32))
+    agent = asy.Agent((4, 84, 84), 4, False)
+    agent.critic = torch.nn.Sequential(OrderedDict([("fc1", torch.nn.Linear(512, 512)), ("out", agent.critic.out)]))
+    with pytest.raises(asy.UserError, match="ppo.py's networks"):
+        asy.asyppo_networks(agent, asy.Args())
 
 
 # ---------------------------------------------------------------------------------------------------------------
