@@ -772,6 +772,9 @@ class AsyppoMean(nn.Module):
         self.members = x
         return x.mean(-1, keepdim=True)
 
+    def __getstate__(self):  # a copy of the agent (deepcopy) leaves the last pass's values, part of a graph, behind
+        return {**self.__dict__, "members": None}
+
 
 def asyppo_networks(agent, args: Args):
     """Turn ppo.py's agent into AsyPPO's, in place (docs/ppo_asyppo.md, detail 1). Vectors: the policy MLP at width
@@ -810,7 +813,8 @@ def asyppo_networks(agent, args: Args):
             agent.actor = mlp(args.actor_width, agent.actor.out.out_features, 0.01)
         plain = isinstance(getattr(agent.critic, "fc2", None), nn.Linear)  # ppo.py's value MLP
         keep = plain and args.critic_width == agent.critic.fc2.out_features
-        members = [agent.critic] * keep + [mlp(args.critic_width, 1, 1.0) for _ in range(args.num_critics - keep)]
+        members = ([agent.critic] if keep else []) + [mlp(args.critic_width, 1, 1.0)
+                                                      for _ in range(args.num_critics - keep)]
         fc1 = nn.Linear(in_dim, args.num_critics * args.critic_width)
         with torch.no_grad():
             fc1.weight.copy_(torch.cat([m.fc1.weight for m in members]))

@@ -7,6 +7,7 @@ an Atari run with value heads on the shared trunk, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 
@@ -121,7 +122,7 @@ def test_masked_policy_and_entropy_terms_against_numpy(asy):
 
 def test_critics_against_a_hand_written_forward_pass(asy):
     """Critic m is a tanh MLP of its own blocks; the agent's value is the mean of the M values, which `critic.out`
-    keeps; the blocks outside the diagonal are zero."""
+    keeps (and a deep copy of the agent leaves behind); the blocks outside the diagonal are zero."""
     torch.manual_seed(1)
     agent, _ = vector_agent(asy, minatar=False, num_critics=3, critic_width=5)
     x = torch.randn(4, 7)
@@ -138,6 +139,7 @@ def test_critics_against_a_hand_written_forward_pass(asy):
     assert torch.all(agent.critic.fc2.weight[~mask] == 0)
     assert agent.critic.heads.weight.shape == (3, 15) and torch.all(agent.critic.heads.weight[~torch.block_diag(
         *[torch.ones(1, 5)] * 3).bool()] == 0)
+    assert copy.deepcopy(agent).critic.out.members is None  # a copy after a pass with gradients (C-CHAIN's lagged)
 
 
 @pytest.mark.parametrize("pixels", [False, True])
