@@ -16,7 +16,8 @@ the rollout of iteration k is collected by the learner as it was L iterations ea
     rho_t = min(rho_bar, pi_theta/mu) and c_t = lambda min(c_bar, pi_theta/mu):
         v_s = V(s) + sum_{t>=s} gamma^{t-s} (prod_{i=s}^{t-1} c_i) rho_t delta_t,
         delta_t = r_t + gamma V(s_{t+1}) - V(s_t),
-    value target v_s, policy advantage v_s - V(s) (reconstruction: GAE(lambda) exactly when pi_theta = mu);
+    value target v_s, policy advantage A_t = delta_t + gamma lambda (v_{t+1} - V(s_{t+1})), no importance weight on
+    the sampled action itself (reconstruction: GAE(lambda) exactly when pi_theta = mu);
   - filters: in place of PPO's clip, the surrogate is ratio * A (ratio = pi_theta/mu, unclipped), and a sample whose
     state's total variation TV(pi_theta(.|s), mu(.|s)) = 1/2 sum_a |pi_theta(a|s) - mu(a|s)| exceeds delta
     (recomputed at every minibatch) gives no policy gradient, by default only where that gradient would move
@@ -192,7 +193,8 @@ class Args:
     align: bool = True
     """at the start of each update, recompute V with the current critic on the whole rollout and take V-trace's
     advantages and value targets with truncated importance weights toward the current policy (reconstruction: the
-    policy advantage is v_s - V(s), which is ppo.py's GAE exactly when the data is on-policy) (detail 2)"""
+    policy advantage is delta_t + gamma lambda (v_{t+1} - V(s_{t+1})), which is ppo.py's GAE exactly when the data is
+    on-policy) (detail 2)"""
     vtrace_rho_bar: float = 1.0
     """V-trace's rho_bar: each TD error is weighted by rho_t = min(rho_bar, pi/mu) [reconstruction: IMPALA's 1.0; the
     paper names rho as a sensitive setting, its value was not readable]"""
@@ -779,20 +781,27 @@ def vtrace_advantages(rewards, values, next_value, terminated, done, valid, rati
         v_t - V(s_t) = rho_t delta_t + gamma c_t (1 - done_t) (v_{t+1} - V(s_{t+1})),
         rho_t = min(rho_bar, ratio_t),  c_t = gae_lambda min(c_bar, ratio_t),  ratio_t = pi(a_t|s_t) / mu(a_t|s_t),
 
-    which unrolls to v_s = V(s) + sum_t gamma^(t-s) (prod_{i=s}^{t-1} c_i) rho_t delta_t. Auto-reset steps (valid
-    False) get 0 and cut nothing further (the step before them ended its episode). Returns (advantages v_s - V(s),
-    targets v_s): with ratios 1 and rho_bar, c_bar >= 1 exactly compute_gae's (advantages, returns)."""
+    which unrolls to v_s = V(s) + sum_t gamma^(t-s) (prod_{i=s}^{t-1} c_i) rho_t delta_t. The policy advantage
+    [reconstruction] carries no importance weight of the sampled action a_t (the surrogate's ratio is that weight),
+    only those of the later actions inside v_{t+1}:
+
+        A_t = delta_t + gamma gae_lambda (1 - done_t) (v_{t+1} - V(s_{t+1})).
+
+    Auto-reset steps (valid False) get 0 and cut nothing further (the step before them ended its episode). Returns
+    (advantages A, targets v): with ratios 1 and rho_bar, c_bar >= 1 exactly compute_gae's (advantages, returns)."""
     num_steps = rewards.shape[0]
     advantages = np.zeros_like(rewards, dtype=np.float32)
     last = np.zeros(rewards.shape[1:], dtype=np.float32)
     rho, c = np.minimum(rho_bar, ratios), np.minimum(c_bar, ratios)
+    corrections = np.zeros_like(advantages)  # v_t - V(s_t)
     for t in reversed(range(num_steps)):
         next_values = values[t + 1] if t + 1 < num_steps else next_value
         delta = rewards[t] + gamma * next_values * (1.0 - terminated[t]) - values[t]
+        advantages[t] = np.where(valid[t], delta + gamma * gae_lambda * (1.0 - done[t]) * last, 0.0)  # last: t+1's
         last = rho[t] * delta + gamma * gae_lambda * c[t] * (1.0 - done[t]) * last  # GAE's order of products
         last = np.where(valid[t], last, 0.0).astype(np.float32)
-        advantages[t] = last
-    return advantages, advantages + values
+        corrections[t] = last
+    return advantages, corrections + values
 
 
 def vaco_tv(agent, policy_out: torch.Tensor, mu_out: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -825,7 +834,7 @@ def vaco_loss(agent, obs, actions, old_logprobs, advantages, returns, old_values
         if args.tv_filter == "outward":  # beyond delta, a gradient that moves pi back toward mu is kept (detail 3)
             keep |= advantages * (ratio - 1.0) <= 0
         keep = keep.float()
-    pg_loss = -(keep * ratio * advantages).mean()
+    pg_loss = -torch.where(keep.bool(), ratio * advantages, 0.0).mean()  # no 0 * inf if a ratio overflows
     v_loss_unclipped = (new_values - returns) ** 2
     if args.clip_vloss:
         v_clipped = old_values + (new_values - old_values).clamp(-args.clip_coef, args.clip_coef)
@@ -1164,7 +1173,7 @@ def run(args: Args) -> dict:
                 values_buf[:] = vaco_pi[2]  # so the value loss's old values are the aligned ones too
                 advantages, returns = vtrace_advantages(
                     rewards_buf, values_buf, next_value, terminated_buf, done_buf, valid_buf,
-                    (vaco_pi[1] - vaco_mu[1]).exp().cpu().numpy(), args.gamma, args.gae_lambda, args.vtrace_rho_bar,
+                    (vaco_pi[1] - logprobs_buf).exp().cpu().numpy(), args.gamma, args.gae_lambda, args.vtrace_rho_bar,
                     args.vtrace_c_bar)
             vaco_mu_out, vaco_filter = vaco_mu[0].reshape(num_steps * num_envs, -1), []  # the filter's mu (detail 3)
             b_obs = obs_buf.reshape(-1, *obs_shape)

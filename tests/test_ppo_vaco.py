@@ -76,20 +76,40 @@ def hand_vtrace(rewards, values, next_value, terminated, done, valid, ratios, ga
     return out
 
 
+def hand_policy_advantages(rewards, values, next_value, terminated, done, valid, corrections, gamma, lam):
+    """The policy advantage from the corrections v - V written out: A_s = delta_s + gamma lam (v_{s+1} - V(s_{s+1}))
+    inside the episode, no importance weight on a_s."""
+    T, N = rewards.shape
+    out = np.zeros((T, N))
+    for n in range(N):
+        for s in range(T):
+            if not valid[s, n]:
+                continue
+            v_next = values[s + 1, n] if s + 1 < T else next_value[n]
+            out[s, n] = rewards[s, n] + gamma * float(v_next) * (1.0 - terminated[s, n]) - values[s, n]
+            if not done[s, n] and s + 1 < T:
+                out[s, n] += gamma * lam * corrections[s + 1, n]
+    return out
+
+
 def test_vtrace_against_a_hand_sum(vaco):
     data = rollout()
     for rho_bar, c_bar in ((1.0, 1.0), (1.5, 0.7), (100.0, 100.0)):
         adv, targets = vaco.vtrace_advantages(*data, 0.9, 0.8, rho_bar, c_bar)
-        expected = hand_vtrace(*data, 0.9, 0.8, rho_bar, c_bar)
+        corrections = hand_vtrace(*data, 0.9, 0.8, rho_bar, c_bar)
+        np.testing.assert_allclose(targets, corrections + data[1], rtol=1e-5, atol=1e-6)
+        expected = hand_policy_advantages(*data[:6], corrections, 0.9, 0.8)
         np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(targets, expected + data[1], rtol=1e-5, atol=1e-6)
         assert adv.dtype == np.float32 and (adv[~data[5]] == 0).all()  # auto-reset steps: nothing to learn
-    # the termination stops the bootstrap and the trace; the truncation bootstraps from V(final observation)
+        assert not np.allclose(adv, corrections)  # a_t's own weight is left to the surrogate's ratio
+    # the termination stops the bootstrap and the trace; the truncation bootstraps from V(final observation); the
+    # policy advantage of an episode's last step is its TD error, unweighted
     rewards, values, next_value, terminated, done, valid, ratios = data
-    adv, _ = vaco.vtrace_advantages(*data, 0.9, 0.8, 1.0, 1.0)
-    assert adv[1, 0] == pytest.approx(min(1.0, ratios[1, 0]) * (rewards[1, 0] - values[1, 0]), rel=1e-6)
-    assert adv[3, 1] == pytest.approx(min(1.0, ratios[3, 1]) * (rewards[3, 1] + 0.9 * values[4, 1] - values[3, 1]),
-                                      rel=1e-6)
+    adv, targets = vaco.vtrace_advantages(*data, 0.9, 0.8, 1.0, 1.0)
+    assert adv[1, 0] == pytest.approx(rewards[1, 0] - values[1, 0], rel=1e-6)
+    assert targets[1, 0] - values[1, 0] == pytest.approx(min(1.0, ratios[1, 0]) * (rewards[1, 0] - values[1, 0]),
+                                                         rel=1e-5)
+    assert adv[3, 1] == pytest.approx(rewards[3, 1] + 0.9 * values[4, 1] - values[3, 1], rel=1e-6)
 
 
 def test_vtrace_is_ppo_gae_on_policy_data(vaco, ppo):
@@ -134,7 +154,7 @@ def softmax(row):
 
 
 @pytest.mark.parametrize("side", ["both", "outward"])
-def test_tv_filter_against_a_hand_computation(vaco, side):
+def test_tv_filter_against_a_hand_computation(vaco, ppo, side):
     """Four states, three actions. The per-state TV = 1/2 sum |pi - mu| by hand; with delta 0.15 two states are beyond
     it. --tv-filter both: they give no gradient at all; outward: only the one whose gradient would move pi further from
     mu (A > 0, ratio > 1); state 1 (A < 0, ratio > 1: the gradient lowers its ratio) keeps its. Kept states get
@@ -167,7 +187,7 @@ def test_tv_filter_against_a_hand_computation(vaco, side):
     args.trust_region = "clip"
     clip_loss, clip_stats = vaco.vaco_loss(agent, None, torch.tensor(actions), old_logprobs, advantages, zeros, zeros,
                                            None, args)
-    ppo_loss = vaco.ppo_loss(agent, None, torch.tensor(actions), old_logprobs, advantages, zeros, zeros, args)[0]
+    ppo_loss = ppo.ppo_loss(agent, None, torch.tensor(actions), old_logprobs, advantages, zeros, zeros, args)[0]
     assert clip_loss.item() == ppo_loss.item() and "filtered_frac" not in clip_stats
 
 
@@ -260,10 +280,9 @@ def test_behaviour_at_iteration_k_is_the_learner_of_iteration_k_minus_lag(vaco, 
 
     def spy_loss(agent, obs, actions, old_logprobs, advantages, returns, old_values, mu_out, args):
         updating.append(flat(agent))
-        with torch.no_grad():  # aligned: old values are the learner's own critic, the targets are advantages + them
+        with torch.no_grad():  # aligned: old values are the learner's own critic
             policy_out, values, _ = agent(obs)
-            aligned.append(torch.allclose(values, old_values, atol=1e-5)
-                           and torch.allclose(returns, advantages + old_values, atol=1e-5))
+            aligned.append(torch.allclose(values, old_values, atol=1e-5))
             stale.append(not torch.allclose(agent.log_prob_entropy(policy_out, actions)[0], old_logprobs, atol=1e-4)
                          and not torch.allclose(torch.log_softmax(policy_out, -1), torch.log_softmax(mu_out, -1)))
         return loss(agent, obs, actions, old_logprobs, advantages, returns, old_values, mu_out, args)
@@ -355,3 +374,10 @@ def test_gaussian_policy_run_with_lag(vaco, tmp_path):
 def test_bad_vaco_flags_are_one_line_errors(vaco, capsys, argv, fragment):
     code, lines = call_main(vaco, ["--env-id", "CartPole-v1", *argv, "--output-dir", "/nonexistent/never"], capsys)
     assert code == 2 and len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_switched_off_is_ppo_py_on_minatar(vaco, ppo, tmp_path):
+    """The equality on MinAtar too (ReLU MLPs, a game's own action set), the family of the vaco-ppo suite."""
+    base = run_in_process(ppo, tmp_path, "ppo", "MinAtar/Breakout", MINATAR)
+    off = run_in_process(vaco, tmp_path, "off", "MinAtar/Breakout", MINATAR, align=False, trust_region="clip")
+    assert_same_run(base, off, "ppo_vaco.py --no-align --trust-region clip on MinAtar/Breakout")
