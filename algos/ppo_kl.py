@@ -19,15 +19,16 @@ gradient per state, k1 in the loss is zero in expectation, k3 in the loss (GRPO'
 *forward* KL(pi_ref || pi_theta), and k2 or k3 in the reward are biased.
 
 Differences from the base script (`diff algos/ppo.py algos/ppo_kl.py` shows exactly these):
-  - flags `--kl-coef` (beta; 0: ppo.py exactly), `--kl-estimator`, `--kl-placement` and `--kl-reference` (init: a
+  - flags `--kl-beta` (beta; 0: ppo.py exactly), `--kl-estimator`, `--kl-placement` and `--kl-reference` (init: a
     frozen copy of the agent's initial weights; PATH: a ppo.py `--save-model` checkpoint, whose weights the agent
     also starts from), checked in `resolve_args`;
   - `kl_estimate` (k1, k2, k3), `kl_exact` (the exact per-state KL: categorical sum, Gaussian closed form),
-    `kl_reference_policy`, `kl_policy_layer`, `kl_rollout`, `kl_reward_penalty` and `kl_loss`;
+    `kl_reference_policy`, `kl_keep_policy_output`, `kl_policy_output`, `kl_rollout`, `kl_reward_penalty` and
+    `kl_loss`;
   - in `run()`: the frozen reference and a forward hook that keeps the agent's latest policy output (so neither the
     rollout's pi_old nor the loss's pi_theta costs an extra forward pass), the rollout's policy outputs, one batched
     forward of the reference per rollout, the penalty in the learning rewards before GAE or in each minibatch's loss,
-    and the `kl/` logs (the exact KL to the reference and the three estimators, logged with --kl-coef 0 too).
+    and the `kl/` logs (the exact KL to the reference and the three estimators, logged with --kl-beta 0 too).
 
 Base script: algos/ppo.py (docs/ppo.md). Docs: docs/ppo_kl.md. Conventions: docs/conventions.md.
 """
@@ -180,7 +181,7 @@ class Args:
     """clipping range of normalised rewards (CleanRL)"""
 
     # --- KL to a reference policy (docs/ppo_kl.md, "Hyperparameters"; the paper's beta was not readable) ---
-    kl_coef: float = 0.05
+    kl_beta: float = 0.05
     """beta, the weight of the reverse KL(pi_theta || pi_ref) per step (0: ppo.py exactly, with the kl/ logs);
     reconstruction: the paper's value was not readable; 0.05 per step of the learning reward (docs/ppo_kl.md,
     "Hyperparameters", says why)"""
@@ -362,8 +363,8 @@ def resolve_args(args: Args):
         raise UserError("--device cuda, but torch sees no CUDA device (install a CUDA build of torch or use --device cpu)")
     if args.eval_checkpoint and not (os.path.isfile(args.eval_checkpoint) and args.eval_episodes >= 1):
         raise UserError(f"--eval-checkpoint needs an existing file and --eval-episodes >= 1: {args.eval_checkpoint}")
-    if not (args.kl_coef >= 0 and math.isfinite(args.kl_coef)):
-        raise UserError(f"--kl-coef must be a finite number >= 0 (got {args.kl_coef})")
+    if not (args.kl_beta >= 0 and math.isfinite(args.kl_beta)):
+        raise UserError(f"--kl-beta must be a finite number >= 0 (got {args.kl_beta})")
     if args.kl_reference != "init" and args.eval_checkpoint:
         raise UserError("--eval-checkpoint only evaluates a checkpoint: drop --kl-reference")
     return tasks, family
@@ -754,16 +755,22 @@ def kl_reference_policy(agent, args: Args, task: str, obs_shape: tuple, action_d
 
 
 def kl_keep_policy_output(agent, latest: dict):
-    """A forward hook on the agent's last policy layer that keeps its output (logits, or the Gaussian mean) of the
-    latest forward pass in latest["policy"] (detail 2): in the rollout, pi_old's; after ppo_loss, the loss pass's own,
-    in its graph. Copies of the agent carry the hook (deepcopy) but do not write: only this layer's calls count."""
-    layer = list(agent.actor.children())[-1]
+    """A forward hook on the agent that keeps the input and the policy output (logits, or the Gaussian mean) of its
+    latest forward pass in latest["obs"] and latest["policy"] (detail 2): in the rollout, pi_old's; after ppo_loss,
+    the loss pass's own, in its graph. Copies of the agent carry the hook (deepcopy) but do not write."""
 
-    def keep(module, _input, out):
-        if module is layer:
-            latest["policy"] = out
+    def keep(module, inputs, out):
+        if module is agent:
+            latest["obs"], latest["policy"] = inputs[0], out[0]
 
-    layer.register_forward_hook(keep)
+    agent.register_forward_hook(keep)
+
+
+def kl_policy_output(agent, latest: dict, obs: torch.Tensor) -> torch.Tensor:
+    """pi_theta's output on the minibatch `obs` (detail 3): the loss pass's own when it was the agent's latest forward
+    pass on these very observations (the hook's: no extra forward), else a forward pass of its own (a composed
+    method's forward pass came in between)."""
+    return latest["policy"] if latest.get("obs") is obs else agent(obs)[0]
 
 
 @torch.no_grad()
@@ -1104,8 +1111,8 @@ def run(args: Args) -> dict:
             # enters the discounted return
             kl_ref_logprobs, kl_k, kl_logs = kl_rollout(agent, kl_reference, obs_buf, actions_buf, logprobs_buf,
                                                         kl_policy_buf, valid_buf, args)
-            if args.kl_coef > 0 and args.kl_placement == "reward":
-                rewards_buf, penalty_logs = kl_reward_penalty(rewards_buf, kl_k, valid_buf, args.kl_coef)
+            if args.kl_beta > 0 and args.kl_placement == "reward":
+                rewards_buf, penalty_logs = kl_reward_penalty(rewards_buf, kl_k, valid_buf, args.kl_beta)
                 kl_logs.update(penalty_logs)
             # GAE with truncation bootstrap and auto-reset masking (details 6-7)
             with torch.no_grad():
@@ -1126,11 +1133,14 @@ def run(args: Args) -> dict:
                     batch = (b_obs[mb_t], b_actions[mb_t], b_logprobs[mb_t], b_advantages[mb_t], b_returns[mb_t],
                              b_values[mb_t])
                     loss, loss_stats = ppo_loss(agent, *batch, args)[:2]
-                    if args.kl_coef > 0 and args.kl_placement == "loss":  # + beta * mean(k) through pi_theta (detail 3)
-                        kl_term = kl_loss(agent, kl_latest["policy"], batch[1], kl_ref_logprobs[mb_t], args.kl_estimator)
-                        loss = loss + args.kl_coef * kl_term
                     if not math.isfinite(loss.item()):
                         raise Diverged(f"non-finite PPO loss ({loss.item()}) at global_step={global_step}")
+                    if args.kl_beta > 0 and args.kl_placement == "loss":  # + beta * mean(k) through pi_theta (detail 3)
+                        kl_term = kl_loss(agent, kl_policy_output(agent, kl_latest, batch[0]), batch[1],
+                                          kl_ref_logprobs[mb_t], args.kl_estimator)
+                        if not math.isfinite(kl_term.item()):
+                            raise Diverged(f"non-finite KL term ({kl_term.item()}) at global_step={global_step}")
+                        loss = loss + args.kl_beta * kl_term
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # global clipping (detail 10)
@@ -1156,7 +1166,7 @@ def run(args: Args) -> dict:
             writer.add_scalar("losses/clipfrac", float(np.mean(clipfracs)), global_step)
             for key, value in kl_logs.items():  # the measured KL to the reference and the estimators (detail 5)
                 writer.add_scalar(f"kl/{key}", value, global_step)
-            if args.kl_coef > 0 and args.kl_placement == "loss":  # the last minibatch's mean k, before beta
+            if args.kl_beta > 0 and args.kl_placement == "loss":  # the last minibatch's mean k, before beta
                 writer.add_scalar("losses/kl_term", kl_term.item(), global_step)
             writer.add_scalar("losses/explained_variance", explained_variance(
                 values_buf.reshape(-1)[valid_flat], returns.reshape(-1)[valid_flat]), global_step)

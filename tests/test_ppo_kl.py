@@ -2,7 +2,7 @@
 every estimator-placement pair on a small categorical policy against the exact reverse-KL gradient (the paper's point:
 which pairs are correct); the penalty in the rewards fed to GAE (by hand, and end to end against a reference network
 the test builds itself); the hook handing the rollout's pi_old and the loss pass's pi_theta to the penalty; the init
-reference frozen at the agent's initial weights; a ppo.py checkpoint as the reference; --kl-coef 0 against ppo.py
+reference frozen at the agent's initial weights; a ppo.py checkpoint as the reference; --kl-beta 0 against ppo.py
 (same episodes); MinAtar, Atari and continuous runs; bad input."""
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def test_reward_placement_feeds_gae_r_minus_beta_k(kl, ppo, checkpoint, tmp_path
     monkeypatch.setattr(kl.Agent, "get_action_and_value", spy_sample)
     monkeypatch.setattr(kl, "compute_gae", spy_gae)
     beta, settings = 0.5, dict(TINY, total_timesteps=768)
-    run_in_process(kl, tmp_path, "reward", "CartPole-v1", settings, kl_coef=beta, kl_estimator="k3",
+    run_in_process(kl, tmp_path, "reward", "CartPole-v1", settings, kl_beta=beta, kl_estimator="k3",
                    kl_reference=checkpoint)
     num_steps = settings["num_steps"]
     assert len(gae_inputs) == 6 and len(steps) == 6 * num_steps
@@ -207,12 +207,13 @@ def test_reward_placement_feeds_gae_r_minus_beta_k(kl, ppo, checkpoint, tmp_path
     assert largest > 1e-3  # the agent has moved away from the reference: the check is not vacuous
 
 
-def test_rollout_and_loss_read_the_policy_outputs_of_their_own_passes(kl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pass_in_between", [False, True])
+def test_rollout_and_loss_read_the_policy_outputs_of_their_own_passes(kl, tmp_path, monkeypatch, pass_in_between):
     """The hook hands kl_rollout pi_old's outputs (the agent, unchanged since its rollout, recomputes them) and
-    kl_loss the loss pass's own pi_theta: in the graph, equal to the policy's output on the minibatch."""
-    checked = {"rollout": 0, "loss": 0}
-    rollout, loss = kl.kl_rollout, kl.kl_loss
-    ppo_loss = kl.ppo_loss
+    kl_loss pi_theta's on the minibatch, in the graph: the loss pass's own output (no extra forward), or, when another
+    forward pass of the agent came in between (as a composed method's), a forward pass of its own."""
+    checked = {"rollout": 0, "loss": 0, "forwards": 0}
+    rollout, loss, ppo_loss, forward = kl.kl_rollout, kl.kl_loss, kl.ppo_loss, kl.Agent.forward
     last = {}
 
     def spy_rollout(agent, reference, obs_buf, actions_buf, logprobs_buf, policy_buf, valid_buf, args):
@@ -230,19 +231,28 @@ def test_rollout_and_loss_read_the_policy_outputs_of_their_own_passes(kl, tmp_pa
                 is_linear = isinstance(layer, torch.nn.Linear)
                 h = torch.nn.functional.linear(h, layer.weight, layer.bias) if is_linear else layer(h)
             last["expected"] = h
+        if pass_in_between:
+            agent(obs[:3])
+        last["forwards"] = checked["forwards"]
         return out
+
+    def spy_forward(self, x, return_hidden=False):
+        checked["forwards"] += 1
+        return forward(self, x, return_hidden)
 
     def spy_loss(agent, policy_out, actions, ref_logprobs, estimator):
         assert policy_out.requires_grad and torch.allclose(policy_out.detach(), last.pop("expected"), atol=1e-6)
+        assert checked["forwards"] == last.pop("forwards") + pass_in_between  # its own forward pass only if needed
         checked["loss"] += 1
         return loss(agent, policy_out, actions, ref_logprobs, estimator)
 
     monkeypatch.setattr(kl, "kl_rollout", spy_rollout)
     monkeypatch.setattr(kl, "ppo_loss", spy_ppo_loss)
     monkeypatch.setattr(kl, "kl_loss", spy_loss)
+    monkeypatch.setattr(kl.Agent, "forward", spy_forward)
     run_in_process(kl, tmp_path, "loss", "CartPole-v1", dict(TINY, update_epochs=2, num_minibatches=2),
-                   kl_placement="loss", kl_estimator="k2", kl_coef=0.5)
-    assert checked == {"rollout": 4, "loss": 4 * 2 * 2}
+                   kl_placement="loss", kl_estimator="k2", kl_beta=0.5)
+    assert checked["rollout"] == 4 and checked["loss"] == 4 * 2 * 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,7 +278,7 @@ def test_init_reference_is_the_initial_policy_and_stays_frozen(kl, tmp_path, mon
     """The init reference equals an Agent built after torch.manual_seed(seed), as run() builds the agent; after a
     run that trains the agent (loss placement), the reference's weights are unchanged and take no gradient."""
     seen = spy_reference(kl, monkeypatch)
-    run = run_in_process(kl, tmp_path, "init", "CartPole-v1", dict(TINY, seed=7), kl_placement="loss", kl_coef=0.5)
+    run = run_in_process(kl, tmp_path, "init", "CartPole-v1", dict(TINY, seed=7), kl_placement="loss", kl_beta=0.5)
     torch.manual_seed(7)
     fresh = kl.Agent((4,), 2, continuous=False)
     reference = seen["reference"]
@@ -326,12 +336,12 @@ def test_bad_reference_files_are_one_line_errors(kl, checkpoint, tmp_path, capsy
 
 
 def test_beta_zero_is_ppo_py_and_the_default_is_not(kl, ppo, tmp_path):
-    """--kl-coef 0 is ppo.py's run (same episodes and value losses), with the kl/ logs; the default (k1 in the
+    """--kl-beta 0 is ppo.py's run (same episodes and value losses), with the kl/ logs; the default (k1 in the
     reward) changes what the critic learns and logs the penalty."""
     base = run_in_process(ppo, tmp_path, "ppo", "CartPole-v1", SMOKE)
-    off = run_in_process(kl, tmp_path, "off", "CartPole-v1", SMOKE, kl_coef=0.0)
+    off = run_in_process(kl, tmp_path, "off", "CartPole-v1", SMOKE, kl_beta=0.0)
     on = run_in_process(kl, tmp_path, "on", "CartPole-v1", SMOKE)
-    assert_same_run(base, off, "ppo_kl.py --kl-coef 0")
+    assert_same_run(base, off, "ppo_kl.py --kl-beta 0")
     assert read_scalars(off)["losses/value_loss"] == read_scalars(base)["losses/value_loss"]
     assert read_scalars(on)["losses/value_loss"] != read_scalars(base)["losses/value_loss"]
     off_scalars, on_scalars = read_scalars(off), read_scalars(on)
@@ -343,7 +353,7 @@ def test_beta_zero_is_ppo_py_and_the_default_is_not(kl, ppo, tmp_path):
 def test_minatar_run_with_the_penalty_in_the_reward(kl, tmp_path):
     run = run_in_process(kl, tmp_path, "breakout", "MinAtar/Breakout", dict(
         total_timesteps=1024, num_envs=4, num_steps=64, num_minibatches=4, eval_episodes=1, metrics_every=8),
-        kl_estimator="k3", kl_coef=0.1)
+        kl_estimator="k3", kl_beta=0.1)
     scalars = read_scalars(run)
     assert KL_KEYS | {"kl/penalty_share"} <= scalars.keys()
     assert all(np.isfinite(v) for key in KL_KEYS for _, v in scalars[key])
@@ -362,13 +372,13 @@ def test_atari_smoke_with_the_penalty_in_the_loss(kl, tmp_path):
 def test_continuous_run_logs_the_gaussian_kl(kl, tmp_path):
     run = run_in_process(kl, tmp_path, "pendulum", "Pendulum-v1", dict(
         total_timesteps=256, num_envs=1, num_steps=64, num_minibatches=2, update_epochs=2, eval_episodes=0,
-        metrics_every=0), kl_placement="loss", kl_estimator="k2", kl_coef=1.0)
+        metrics_every=0), kl_placement="loss", kl_estimator="k2", kl_beta=1.0)
     exact = read_scalars(run)["kl/exact"]
     assert exact[0][1] == pytest.approx(0.0, abs=1e-6) and exact[-1][1] > 0
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--kl-coef", "-0.1"], "--kl-coef"), (["--kl-coef", "nan"], "--kl-coef"),
+    (["--kl-beta", "-0.1"], "--kl-beta"), (["--kl-beta", "nan"], "--kl-beta"),
     (["--kl-reference", "some.pt", "--eval-checkpoint", __file__], "--kl-reference"),
 ])
 def test_bad_kl_flags_are_one_line_errors(kl, capsys, argv, fragment):
