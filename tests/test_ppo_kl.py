@@ -54,7 +54,8 @@ def test_estimators_by_hand(kl):
     assert (kl.kl_estimate(x, "k3") >= 0).all() and (kl.kl_estimate(x, "k2") >= 0).all()
     assert (kl.kl_estimate(x, "k1") < 0).any()
     # unbiased for the reverse KL in expectation under pi (k1, k3); k2 is not
-    logits, ref = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([0.0, 0.3, 0.1], dtype=torch.float64)
+    logits = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    ref = torch.tensor([0.0, 0.3, 0.1], dtype=torch.float64)
     p, q = torch.softmax(logits, 0).tolist(), torch.softmax(ref, 0).tolist()
     reverse = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     ell = torch.tensor([math.log(pi / qi) for pi, qi in zip(p, q)], dtype=torch.float64)
@@ -299,7 +300,7 @@ def test_path_reference_is_the_checkpoint_and_the_agent_starts_from_it(kl, check
     for key, value in model.items():
         assert torch.equal(seen["start"][key], value) and torch.equal(seen["reference"].state_dict()[key], value), key
     scalars = read_scalars(run)
-    assert scalars["kl/exact"][0][1] == pytest.approx(0.0, abs=1e-6)  # the agent starts at the reference (float32 round-off)
+    assert scalars["kl/exact"][0][1] == pytest.approx(0.0, abs=1e-6)  # the agent starts at the reference (float32)
     assert scalars["kl/exact"][-1][1] > 1e-4
     assert read_json(os.path.join(run, "summary.json"))["status"] == "completed"
 
