@@ -719,7 +719,7 @@ def kl_estimate(logratio: torch.Tensor, estimator: str) -> torch.Tensor:
 
 
 def kl_exact(agent, policy_out: torch.Tensor, reference, ref_out: torch.Tensor) -> torch.Tensor:
-    """The exact KL(pi || pi_ref) of each state from the two networks' outputs (detail 5): categorical,
+    """The exact KL(pi || pi_ref) of each state from the two networks' outputs (detail 6): categorical,
     sum_a pi(a) (log pi(a) - log pi_ref(a)); diagonal Gaussian, the closed form summed over the action components,
     log(s_ref / s) + (s^2 + (m - m_ref)^2) / (2 s_ref^2) - 1/2 (state-independent log-stds, as ppo.py's policy)."""
     if agent.continuous:
@@ -775,7 +775,7 @@ def kl_policy_output(agent, latest: dict, obs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def kl_rollout(agent, reference, obs_buf, actions_buf, logprobs_buf, policy_buf, valid_buf: np.ndarray, args: Args):
-    """The reference on one rollout (details 2 and 5): one batched forward of the frozen network on the rollout's
+    """The reference on one rollout (details 5-6): one batched forward of the frozen network on the rollout's
     observations gives pi_ref's log-probability of each taken action; with pi_old's own log-probability (the rollout's,
     pi_theta = pi_old there) it gives ell and the chosen estimate k per step. Returns (the reference's log-probs,
     flat (num_steps * num_envs,); k as a (num_steps, num_envs) array; the kl/ logs over the agent's steps: the exact
@@ -1106,7 +1106,7 @@ def run(args: Args) -> dict:
                 prev_done = done
                 next_obs = prepare_obs(raw_obs, obs_space, agent, device, args, update=True)
 
-            # KL to the reference on this rollout (details 2-5): the reference's log-probs of the taken actions, the
+            # KL to the reference on this rollout (details 2-6): the reference's log-probs of the taken actions, the
             # kl/ logs, and with --kl-placement reward the penalty in the learning rewards, before GAE, so that it
             # enters the discounted return
             kl_ref_logprobs, kl_k, kl_logs = kl_rollout(agent, kl_reference, obs_buf, actions_buf, logprobs_buf,
@@ -1164,7 +1164,7 @@ def run(args: Args) -> dict:
             for key in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl"):  # last minibatch's
                 writer.add_scalar(f"losses/{key}", loss_stats[key].item(), global_step)
             writer.add_scalar("losses/clipfrac", float(np.mean(clipfracs)), global_step)
-            for key, value in kl_logs.items():  # the measured KL to the reference and the estimators (detail 5)
+            for key, value in kl_logs.items():  # the measured KL to the reference and the estimators (detail 6)
                 writer.add_scalar(f"kl/{key}", value, global_step)
             if args.kl_beta > 0 and args.kl_placement == "loss":  # the last minibatch's mean k, before beta
                 writer.add_scalar("losses/kl_term", kl_term.item(), global_step)
