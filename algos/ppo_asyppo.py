@@ -19,7 +19,8 @@ policy is not pushed to explore where the value estimate is unreliable.
 Differences from the base script (`diff algos/ppo.py algos/ppo_asyppo.py` shows exactly these):
   - flags `--num-critics`, `--actor-width`, `--critic-width`, `--adv-mask-quantile` and `--ent-filter-quantile`,
     checked in `resolve_args` (`--num-critics 1 --critic-width 64 --adv-mask-quantile 0 --ent-filter-quantile 0`:
-    ppo.py exactly);
+    ppo.py exactly; on pixels, where the widths are refused, `--num-critics 1 --adv-mask-quantile 0
+    --ent-filter-quantile 0`); MuJoCo and DMC default to one environment, so M = 2 needs `--num-envs 2` there;
   - `asyppo_networks` widens the policy MLP and replaces the value MLP by M critics packed into one network
     (`AsyppoBlockLinear`: block-diagonal layers, so no critic reads another's units) whose `AsyppoMean` output is the
     ensemble mean and keeps each critic's value; on pixels, M linear value heads on ppo.py's shared Nature CNN;
@@ -180,22 +181,28 @@ class Args:
 
     # --- AsyPPO (docs/ppo_asyppo.md, "Hyperparameters") ---
     num_critics: int = 2
-    """M, the critics of the ensemble, each trained on its own shard of the environments of every rollout (1 with
-    --critic-width 64 and both quantiles 0: ppo.py exactly) [paper: two mini-critics, per its summaries]. Vectors: M
-    separate MLPs; pixels: M linear value heads on ppo.py's shared Nature CNN trunk (docs/ppo_asyppo.md, detail 1)"""
+    """M, the critics of the ensemble, each trained on its own shard of the environments of every rollout
+    [reconstruction: the paper shards each prompt's responses; here the environments, detail 3], so --num-envs must be
+    at least M: MuJoCo/DMC default to 1 env, so pass --num-envs 2 there (and the same to ppo.py for a fair comparison).
+    1 with --critic-width 64 and both quantiles 0: ppo.py exactly (pixels, where the widths are refused: 1 with both
+    quantiles 0) [paper: two mini-critics, per its summaries]. Vectors: M separate MLPs; pixels: M linear value heads
+    on ppo.py's shared Nature CNN trunk (docs/ppo_asyppo.md, detail 1)"""
     actor_width: Optional[int] = None
     """vector observations: hidden width of the policy MLP [default 64, ppo.py's; the asymmetry is a wide actor, e.g.
     256]; refused with pixels (the policy is a head on the Nature CNN)"""
     critic_width: Optional[int] = None
     """vector observations: hidden width of each critic MLP [default 32, ours: a "mini" critic, so that two of them
-    have about the parameters of ppo.py's one 64-wide value MLP on MinAtar]; refused with pixels"""
+    have about the parameters of ppo.py's one 64-wide value MLP: 93% on MinAtar Breakout and Asterix, 95-97% on the
+    other MinAtar games (docs/ppo_asyppo.md, "Hyperparameters")]; refused with pixels"""
     adv_mask_quantile: float = 0.1
     """advantage masking: the fraction of the rollout's samples with the LOWEST critic disagreement (std of the M
-    values) whose policy-gradient term is dropped; 0 disables [reconstruction: the paper's fraction was not readable;
-    0.1 is the default of a third-party re-implementation that cites the paper's equation (detail 4)]"""
+    values) whose policy-gradient term is dropped (ties: the lower sample index first); 0 disables [reconstruction:
+    the paper's fraction was not readable; 0.1 is the default of a third-party re-implementation that cites the
+    paper's equation (detail 4)]"""
     ent_filter_quantile: float = 0.2
     """entropy filtering: the fraction of the rollout's samples with the HIGHEST critic disagreement excluded from the
-    entropy bonus; 0 disables [reconstruction: 0.2, the same third-party default (detail 4)]"""
+    entropy bonus (ties: the higher sample index first); 0 disables; it changes nothing where --ent-coef is 0, the
+    MuJoCo/DMC default [reconstruction: 0.2, the same third-party default (detail 4)]"""
 
 
 class UserError(Exception):
@@ -383,8 +390,10 @@ def resolve_args(args: Args):
         raise UserError("--adv-mask-quantile and --ent-filter-quantile rank the critics' disagreement: they need "
                         "--num-critics >= 2 (or set both to 0)")
     if args.num_envs < args.num_critics:
+        hint = (f"; MuJoCo/DMC default to 1 env: pass --num-envs {args.num_critics} (and the same to ppo.py for a fair "
+                "comparison)") if family == "continuous" else ""
         raise UserError(f"--num-critics {args.num_critics} needs --num-envs >= {args.num_critics}: each critic's "
-                        f"shard is at least one environment (got {args.num_envs})")
+                        f"shard is at least one environment (got {args.num_envs}){hint}")
     return tasks, family
 
 
@@ -702,12 +711,11 @@ def minibatches(valid: np.ndarray, num_minibatches: int, rng: np.random.Generato
 def ppo_loss(agent, obs, actions, old_logprobs, advantages, returns, old_values, args: Args,
              return_hidden: bool = False, asyppo: Optional[dict] = None):
     """The PPO loss on one minibatch (docs/ppo.md, detail 10): clipped surrogate, clipped value loss, entropy
-    bonus. Returns (loss, dict of detached statistics, hidden activations or None).
-
-    AsyPPO (docs/ppo_asyppo.md, details 3-5): `asyppo` (from `asyppo_slice`) holds the minibatch's per-critic old
-    values (B, M), the critic whose shard each sample is in, and the advantage and entropy masks (None: off). Each
-    critic's clipped value loss is averaged over its own shard and the M losses are summed; without `asyppo` (the
-    diagnostics) every critic is scored on every sample against the ensemble-mean old value."""
+    bonus. Returns (loss, dict of detached statistics, hidden activations or None)."""
+    # AsyPPO (docs/ppo_asyppo.md, details 3-5): `asyppo` (from `asyppo_slice`) holds the minibatch's per-critic old
+    # values (B, M), the critic whose shard each sample is in, and the advantage and entropy masks (None: off). Each
+    # critic's clipped value loss is averaged over its own shard and the M losses are summed; without `asyppo` (the
+    # diagnostics) every critic is scored on every sample against the ensemble-mean old value.
     agent.critic.out.members = None  # AsyPPO: set by this forward pass's critics (detail 2)
     policy_out, new_values, hidden = agent(obs, return_hidden=return_hidden)
     new_logprobs, entropy = agent.log_prob_entropy(policy_out, actions)
@@ -827,7 +835,8 @@ def asyppo_networks(agent, args: Args):
 
 def asyppo_settings(args: dict, pixel: bool) -> dict:
     """The flags that shape AsyPPO's networks, from a run's args (a checkpoint's: another PPO script's have none, and
-    its network is ppo.py's, one critic at width 64; the widths are None on pixels)."""
+    its network is ppo.py's, one critic at width 64, which `run` refuses before asking; the widths are None on
+    pixels)."""
     width = None if pixel else 64
     return {key: args.get(key, default) for key, default in (
         ("num_critics", 1), ("actor_width", width), ("critic_width", width))}
@@ -846,9 +855,11 @@ def asyppo_shards(num_envs: int, num_critics: int, rng: np.random.Generator) -> 
 def asyppo_masks(sigma: np.ndarray, valid: np.ndarray, adv_quantile: float, ent_quantile: float):
     """The rollout's masks (docs/ppo_asyppo.md, detail 4) from the critics' disagreement sigma (flat, one per sample):
     of the n valid samples, the floor(adv_quantile * n) with the lowest sigma get adv_keep 0 (their policy-gradient
-    term is dropped) and the floor(ent_quantile * n) with the highest sigma get ent_keep 0 (no entropy bonus); ties
-    go by sample index (a stable sort). Auto-reset samples, never trained on, keep 1. Returns (adv_keep, ent_keep),
-    float32 0/1 arrays, each None when its quantile is 0."""
+    term is dropped) and the floor(ent_quantile * n) with the highest sigma get ent_keep 0 (no entropy bonus). Ties go
+    by sample index through one ascending stable sort: the advantage mask takes its front, so among equal sigmas the
+    lower index is masked first; the entropy filter takes its back, so the higher index is filtered first.
+    Auto-reset samples, never trained on, keep 1. Returns (adv_keep, ent_keep), float32 0/1 arrays, each None when
+    its quantile is 0."""
     index = np.flatnonzero(valid)
     order = index[np.argsort(sigma[index], kind="stable")]
     out = []
@@ -1088,9 +1099,15 @@ def run(args: Args) -> dict:
                 raise UserError(f"the checkpoint's network takes observations {tuple(checkpoint['obs_shape'])} and "
                                 f"{checkpoint['n_actions']} actions; {tasks[0]} has {tuple(obs_shape)} and "
                                 f"{action_dim}")
+            if "num_critics" not in checkpoint["args"]:  # AsyPPO: another PPO script's value layer is `critic.out`
+                raise UserError(f"--eval-checkpoint {args.eval_checkpoint}: written by "
+                                f"{checkpoint.get('script', 'another script')}, which has no AsyPPO critics: it cannot "
+                                f"be loaded into ppo_asyppo.py (evaluate it with the script that wrote it)")
             trained = asyppo_settings(checkpoint["args"], agent.pixel)  # AsyPPO: the same networks (detail 7)
             if trained != asyppo_settings(dataclasses.asdict(args), agent.pixel):
-                flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in trained.items())
+                flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in trained.items()
+                                 if value is not None)  # pixels: no widths
+                flags += " --adv-mask-quantile 0 --ent-filter-quantile 0" * (trained["num_critics"] == 1)
                 raise UserError(f"--eval-checkpoint {args.eval_checkpoint}: its networks were trained with {flags}: "
                                 f"evaluate it with those flags")
             asyppo_networks(agent, args)

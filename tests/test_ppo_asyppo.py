@@ -1,9 +1,10 @@
 """algos/ppo_asyppo.py: the env -> critic shards (disjoint, covering, re-drawn per rollout), each critic's parameters
 reached only by its own shard's returns (vectors and pixel heads), the quantile masks and the masked policy and
 entropy terms against hand computations, the critics against a hand-written forward pass, the ensemble-mean value
-in GAE and the disagreement from the same values, the new networks drawn as ppo.py draws its layers without touching
-the global random stream, one critic with masking off = ppo.py exactly, a wide-actor MinAtar run (with its checkpoint),
-an Atari run with value heads on the shared trunk, and bad input."""
+in GAE and its bootstrap and the disagreement from the same values, per-critic value clipping by hand, the ties of
+the mask and the filter, the new networks drawn as ppo.py draws its layers without touching the global random stream,
+one critic with masking off = ppo.py exactly (CartPole and MinAtar), a wide-actor MinAtar run (with its checkpoint),
+an Atari run with value heads on the shared trunk, bad input and the checkpoint errors."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from helpers import assert_same_run, call_main, load_script, read_json, read_scalars, run_in_process
 
 SMOKE = dict(total_timesteps=1024, num_envs=2, num_steps=64, eval_episodes=0, metrics_every=8)
+MINATAR = dict(total_timesteps=512, num_envs=4, num_steps=64, num_minibatches=4, eval_episodes=0, metrics_every=8)
 OFF = dict(num_critics=1, critic_width=64, adv_mask_quantile=0.0, ent_filter_quantile=0.0)
 
 
@@ -84,6 +86,19 @@ def test_masks_against_a_hand_computation(asy):
     adv_keep, ent_keep = asy.asyppo_masks(many, np.ones(100, dtype=bool), 0.29, 0.07)
     assert np.flatnonzero(adv_keep == 0).tolist() == list(range(29))
     assert np.flatnonzero(ent_keep == 0).tolist() == list(range(93, 100))
+
+
+def test_mask_and_filter_break_ties_from_opposite_ends(asy):
+    """One ascending stable sort: the advantage mask takes its front (among equal sigmas the lower index first), the
+    entropy filter its back (the higher index first). All equal: 6 samples, floor(0.34 * 6) = 2 each. A tie at the
+    filter's threshold: sample 0 (0.9) is the highest, then of the three 0.5s the highest index, 3."""
+    adv_keep, ent_keep = asy.asyppo_masks(np.full(6, 0.5), np.ones(6, dtype=bool), 0.34, 0.34)
+    assert np.flatnonzero(adv_keep == 0).tolist() == [0, 1]
+    assert np.flatnonzero(ent_keep == 0).tolist() == [4, 5]
+    sigma = np.array([0.9, 0.5, 0.5, 0.5, 0.1])
+    adv_keep, ent_keep = asy.asyppo_masks(sigma, np.ones(5, dtype=bool), 0.4, 0.4)
+    assert np.flatnonzero(ent_keep == 0).tolist() == [0, 3]
+    assert np.flatnonzero(adv_keep == 0).tolist() == [1, 4]  # 0.1, then the lowest index of the 0.5s
 
 
 def test_masked_policy_and_entropy_terms_against_numpy(asy):
@@ -205,6 +220,44 @@ def test_critic_losses_average_each_shard_and_skip_an_empty_one(asy):
     assert asy.asyppo_critic_losses(elementwise, None).tolist() == [2.5, 25.0]  # the diagnostics: every sample
 
 
+def test_value_clipping_is_per_critic_around_its_own_old_value(asy):
+    """ppo.py's clipped value loss, per critic: critic m's value is clipped to within clip_coef of ITS collection-time
+    value, 1/2 max((V_m - R)^2, (V_m^clip - R)^2) averaged over its shard. The old values are the new ones shifted by
+    +-0.5 in opposite directions for the two critics, so the clip (0.2) binds on every sample and the ensemble-mean
+    old value (shifts cancelling) would give other losses; the returns put the clipped branch above on some samples
+    and below on others."""
+    torch.manual_seed(5)
+    agent, args = vector_agent(asy, clip_coef=0.2)
+    assert args.clip_vloss
+    b = 8
+    obs, actions = torch.randn(b, 7), torch.randint(0, 3, (b,))
+    with torch.no_grad():
+        old_logprobs = agent.log_prob_entropy(agent(obs)[0], actions)[0]
+        new = agent.critic.out.members.double().numpy()
+    shift = np.array([0.5, -0.3, 0.7, -0.5, 0.4, -0.6, 0.5, -0.9])
+    old = new + np.stack([shift, -shift], 1)
+    returns = new.mean(1) + np.array([1.0, -1.0, 0.3, -0.2, -1.5, 2.0, 0.1, -0.05])
+    shard = np.array([0, 1, 1, 0, 0, 1, 0, 1])
+    extra = dict(old_values=torch.tensor(old, dtype=torch.float32), shard=torch.from_numpy(shard), adv_keep=None,
+                 ent_keep=None)
+    _, stats, _ = asy.ppo_loss(agent, obs, actions, old_logprobs, torch.randn(b),
+                               torch.tensor(returns, dtype=torch.float32),
+                               torch.tensor(old.mean(1), dtype=torch.float32), args, asyppo=extra)
+
+    def hand(old_values):
+        clipped = old_values + np.clip(new - old_values, -0.2, 0.2)
+        per_sample = np.maximum((new - returns[:, None]) ** 2, (clipped - returns[:, None]) ** 2)
+        return np.array([0.5 * per_sample[shard == m, m].mean() for m in range(2)])
+
+    expected = hand(old)
+    assert stats["critic_losses"].numpy() == pytest.approx(expected, rel=1e-5)
+    assert stats["value_loss"].item() == pytest.approx(expected.sum(), rel=1e-5)
+    mean_old = hand(np.repeat(old.mean(1, keepdims=True), 2, 1))  # what the ensemble-mean old value would give
+    assert np.all(np.abs(mean_old - expected) > 1e-2 * expected), (mean_old, expected)
+    unclipped = np.array([0.5 * ((new - returns[:, None]) ** 2)[shard == m, m].mean() for m in range(2)])
+    assert np.all(np.abs(unclipped - expected) > 1e-2 * expected), (unclipped, expected)  # the clip binds
+
+
 def test_new_layers_are_ppo_py_draws_and_leave_the_global_stream(asy, ppo):
     """ppo.py's sizes are kept parameter for parameter; a new critic is the MLP ppo.py would draw next (nn.Linear,
     then layer_init, fc1 -> fc2 -> out); the global generator is where ppo.py's agent left it."""
@@ -262,12 +315,28 @@ def test_one_critic_without_masking_is_ppo_py_and_the_default_is_not(asy, ppo, t
     assert all(value > 0 for _, value in on["asyppo/value_std"] + on["asyppo/adv_masked_frac"])
 
 
+def test_one_critic_without_masking_is_ppo_py_on_minatar(asy, ppo, tmp_path):
+    """The same on MinAtar/Breakout (ReLU MLPs on 400 inputs, PureJaxRL's defaults but a tiny budget)."""
+    base = run_in_process(ppo, tmp_path, "ppo", "MinAtar/Breakout", MINATAR)
+    off = run_in_process(asy, tmp_path, "off", "MinAtar/Breakout", MINATAR, **OFF)
+    assert_same_run(base, off, "ppo_asyppo.py with one 64-wide critic and no masking on MinAtar/Breakout")
+    assert read_scalars(off)["losses/value_loss"] == read_scalars(base)["losses/value_loss"]
+
+
 def test_run_uses_the_ensemble_mean_and_disjoint_shards(asy, tmp_path, monkeypatch):
     """In a run: GAE gets the mean of the critics' collection-time values, sigma is their population std, and every
     valid sample is in the shard of the critic its env belongs to in that rollout."""
-    seen = {"gae": [], "masks": [], "slices": [], "owners": []}
+    seen = {"gae": [], "bootstrap": [], "masks": [], "slices": [], "owners": [], "agent": []}
     gae, masks, slicer, shards = asy.compute_gae, asy.asyppo_masks, asy.asyppo_slice, asy.asyppo_shards
-    monkeypatch.setattr(asy, "compute_gae", lambda *a: seen["gae"].append(a[1].copy()) or gae(*a))
+    networks = asy.asyppo_networks
+    monkeypatch.setattr(asy, "asyppo_networks", lambda *a: seen["agent"].append(networks(*a)) or seen["agent"][-1])
+
+    def gae_spy(*a):  # the last forward pass before GAE is the bootstrap's: its members are the critics' V(s_T)
+        seen["gae"].append(a[1].copy())
+        seen["bootstrap"].append((a[2].copy(), seen["agent"][0].critic.out.members.numpy().copy()))
+        return gae(*a)
+
+    monkeypatch.setattr(asy, "compute_gae", gae_spy)
     monkeypatch.setattr(asy, "asyppo_masks", lambda *a: seen["masks"].append((a[0].copy(), a[1].copy())) or masks(*a))
     monkeypatch.setattr(asy, "asyppo_shards", lambda *a: seen["owners"].append(shards(*a)) or seen["owners"][-1])
 
@@ -279,16 +348,19 @@ def test_run_uses_the_ensemble_mean_and_disjoint_shards(asy, tmp_path, monkeypat
     monkeypatch.setattr(asy, "asyppo_slice", slice_spy)
     run_in_process(asy, tmp_path, "spy", "CartPole-v1", dict(SMOKE, total_timesteps=768, num_envs=3, num_steps=32),
                    num_critics=3, critic_width=16)
-    assert len(seen["gae"]) == len(seen["owners"]) == 8
+    assert len(seen["gae"]) == len(seen["owners"]) == len(seen["bootstrap"]) == 8
     assert len(seen["slices"]) == 8
-    for values, (sigma, valid), owner, (_, full) in zip(seen["gae"], seen["masks"], seen["owners"], seen["slices"]):
+    for values, (next_value, next_members), (sigma, valid), owner, (_, full) in zip(
+            seen["gae"], seen["bootstrap"], seen["masks"], seen["owners"], seen["slices"]):
         members = full["old_values"].numpy()
         assert np.allclose(values.reshape(-1), members.mean(-1), atol=1e-6)
+        assert next_members.shape == (3, 3) and np.allclose(next_value, next_members.mean(-1), atol=1e-6)
+        assert np.ptp(next_members, axis=-1).max() > 0  # three different critics, so the mean is not any one of them
         assert np.allclose(sigma, members.std(-1), atol=1e-7)
-        shard = full["shard"].numpy()
-        assert np.array_equal(shard, owner[np.arange(len(shard)) % 3])
-        assert sorted(set(shard[valid].tolist())) == [0, 1, 2]
-        assert (np.bincount(shard[valid], minlength=3).sum()) == valid.sum()
+        per_env = full["shard"].numpy().reshape(32, 3)  # (num_steps, num_envs): column e is env e's samples
+        for env in range(3):
+            assert np.all(per_env[:, env] == owner[env]), env  # every step of env e is in its owner's shard
+        assert sorted(set(full["shard"].numpy()[valid].tolist())) == [0, 1, 2]
     assert len({tuple(o) for o in seen["owners"]}) > 1  # re-drawn
 
 
@@ -333,7 +405,47 @@ def test_atari_value_heads_on_the_shared_trunk(asy, tmp_path):
     (["--critic-width", "0"], "--critic-width"), (["--actor-width", "0"], "--actor-width"),
     (["--env-id", "Breakout-v5", "--actor-width", "256"], "pixels"),
     (["--num-critics", "3", "--num-envs", "2"], "--num-envs"),
+    (["--env-id", "Hopper-v4"], "MuJoCo/DMC default to 1 env: pass --num-envs 2 (and the same to ppo.py"),
+    (["--env-id", "CheetahRun-v1", "--num-critics", "3", "--num-envs", "2"], "pass --num-envs 3"),
 ])
 def test_bad_asyppo_flags_are_one_line_errors(asy, capsys, argv, fragment):
     code, lines = call_main(asy, ["--env-id", "CartPole-v1", *argv, "--output-dir", "/nonexistent/never"], capsys)
     assert code == 2 and len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_checkpoint_errors_say_what_to_do(asy, ppo, tmp_path, capsys):
+    """Another PPO script's checkpoint (no AsyPPO settings in its args) is one line saying it cannot be loaded here,
+    whatever the flags, not the settings' line and then load_weights'; AsyPPO's own checkpoint with one critic names
+    every flag its network needs, the quantiles included (M = 1 refuses them), and those flags evaluate it."""
+    tiny = dict(SMOKE, total_timesteps=128, metrics_every=0, save_model=True)
+    theirs = os.path.join(run_in_process(ppo, tmp_path, "ppo", "CartPole-v1", tiny), "model.pt")
+    ours = os.path.join(run_in_process(asy, tmp_path, "one", "CartPole-v1", tiny, **OFF), "model.pt")
+    flags = ["--env-id", "CartPole-v1", "--eval-episodes", 1, "--torch-threads", 1, "--output-dir", tmp_path / "eval"]
+    needed = "--num-critics 1 --actor-width 64 --critic-width 64 --adv-mask-quantile 0 --ent-filter-quantile 0"
+    for k, extra in enumerate(([], needed.split())):
+        code, lines = call_main(asy, [*flags, "--eval-checkpoint", theirs, "--run-name", f"ppo{k}", *extra], capsys)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+        assert "written by ppo.py" in lines[0] and "cannot be loaded into ppo_asyppo.py" in lines[0], lines
+        assert "evaluate it with the script that wrote it" in lines[0], lines
+    code, lines = call_main(asy, [*flags, "--eval-checkpoint", ours, "--run-name", "defaults"], capsys)
+    assert code == 2 and len(lines) == 1 and f"trained with {needed}: evaluate" in lines[0], lines
+    code, lines = call_main(asy, [*flags, "--eval-checkpoint", ours, "--run-name", "same", *needed.split()], capsys)
+    assert code == 0, lines
+    summary = read_json(os.path.join(tmp_path, "eval", "defaults", "summary.json"))
+    assert summary["status"] == "failed" and needed in summary["error"]
+
+
+@pytest.mark.parametrize("num_critics, needed", [
+    (1, "--num-critics 1 --adv-mask-quantile 0 --ent-filter-quantile 0"), (3, "--num-critics 3")])
+def test_pixel_checkpoint_error_names_no_widths(asy, tmp_path, capsys, num_critics, needed):
+    """On pixels the widths are None in the args (and refused as flags): the line names only what can be passed. The
+    settings are checked before any weight is read, so a checkpoint with an empty model shows the line."""
+    path = tmp_path / "model.pt"
+    torch.save({"script": "ppo_asyppo.py", "model": {}, "obs_shape": [4, 84, 84], "n_actions": 4, "continuous": False,
+                "args": {"env_id": "Breakout-v5", "num_critics": num_critics, "actor_width": None,
+                         "critic_width": None}}, path)
+    code, lines = call_main(asy, ["--env-id", "Breakout-v5", "--num-envs", 2, "--num-critics", 2, "--eval-checkpoint",
+                                  path, "--eval-episodes", 1, "--output-dir", tmp_path / "eval"], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert f"trained with {needed}: evaluate it with those flags" in lines[0], lines
+    assert "None" not in lines[0] and "width" not in lines[0], lines
