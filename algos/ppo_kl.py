@@ -19,9 +19,10 @@ gradient per state, k1 in the loss is zero in expectation, k3 in the loss (GRPO'
 *forward* KL(pi_ref || pi_theta), and k2 or k3 in the reward are biased.
 
 Differences from the base script (`diff algos/ppo.py algos/ppo_kl.py` shows exactly these):
-  - flags `--kl-beta` (beta; 0: ppo.py exactly), `--kl-estimator`, `--kl-placement` and `--kl-reference` (init: a
-    frozen copy of the agent's initial weights; PATH: a ppo.py `--save-model` checkpoint, whose weights the agent
-    also starts from), checked in `resolve_args`;
+  - flags `--kl-beta` (beta; 0: ppo.py exactly with --kl-reference init, ppo.py fine-tuned from the checkpoint with
+    a PATH), `--kl-estimator`, `--kl-placement` and `--kl-reference` (init: a frozen copy of the agent's initial
+    weights; PATH: a ppo.py `--save-model` checkpoint, whose weights the agent also starts from), checked in
+    `resolve_args`;
   - `kl_estimate` (k1, k2, k3), `kl_exact` (the exact per-state KL: categorical sum, Gaussian closed form),
     `kl_reference_policy`, `kl_keep_policy_output`, `kl_policy_output`, `kl_rollout`, `kl_reward_penalty` and
     `kl_loss`;
@@ -182,7 +183,8 @@ class Args:
 
     # --- KL to a reference policy (docs/ppo_kl.md, "Hyperparameters"; the paper's beta was not readable) ---
     kl_beta: float = 0.05
-    """beta, the weight of the reverse KL(pi_theta || pi_ref) per step (0: ppo.py exactly, with the kl/ logs);
+    """beta, the weight of the reverse KL(pi_theta || pi_ref) per step (0: ppo.py exactly with --kl-reference init,
+    ppo.py fine-tuned from the checkpoint with a PATH; the kl/ logs either way);
     reconstruction: the paper's value was not readable; 0.05 per step of the learning reward (docs/ppo_kl.md,
     "Hyperparameters", says why)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -745,11 +747,15 @@ def kl_reference_policy(agent, args: Args, task: str, obs_shape: tuple, action_d
             checkpoint = read_checkpoint(path, task, device)
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"], checkpoint.get("continuous", False)) != (
                     tuple(obs_shape), action_dim, continuous):
-                raise UserError(f"--eval-checkpoint {path}: the checkpoint's network takes observations "
+                raise UserError(f"--kl-reference {path}: the checkpoint's network takes observations "
                                 f"{tuple(checkpoint['obs_shape'])} and {checkpoint['n_actions']} actions; {task} has "
                                 f"{tuple(obs_shape)} and {action_dim}")
+            trained_norm_obs = bool(checkpoint["args"].get("norm_obs"))  # its statistics apply only as in training
+            if trained_norm_obs != bool(args.norm_obs):
+                raise UserError(f"--kl-reference {path}: trained with --norm-obs {trained_norm_obs}, this run has "
+                                f"--norm-obs {bool(args.norm_obs)} (pass --norm-obs {trained_norm_obs})")
             load_weights(agent, checkpoint, path)
-        except UserError as err:
+        except UserError as err:  # ppo.py's read_checkpoint and load_weights name --eval-checkpoint
             raise UserError(str(err).replace("--eval-checkpoint", "--kl-reference")) from None
     return copy.deepcopy(agent).requires_grad_(False)
 
@@ -757,7 +763,8 @@ def kl_reference_policy(agent, args: Args, task: str, obs_shape: tuple, action_d
 def kl_keep_policy_output(agent, latest: dict):
     """A forward hook on the agent that keeps the input and the policy output (logits, or the Gaussian mean) of its
     latest forward pass in latest["obs"] and latest["policy"] (detail 2): in the rollout, pi_old's; after ppo_loss,
-    the loss pass's own, in its graph. Copies of the agent carry the hook (deepcopy) but do not write."""
+    the loss pass's own, in its graph. The reference is copied before the hook is registered and does not carry it;
+    copies a composed method makes later carry it (deepcopy) but do not write (`module is agent` fails)."""
 
     def keep(module, inputs, out):
         if module is agent:
@@ -768,9 +775,11 @@ def kl_keep_policy_output(agent, latest: dict):
 
 def kl_policy_output(agent, latest: dict, obs: torch.Tensor) -> torch.Tensor:
     """pi_theta's output on the minibatch `obs` (detail 3): the loss pass's own when it was the agent's latest forward
-    pass on these very observations (the hook's: no extra forward), else a forward pass of its own (a composed
-    method's forward pass came in between)."""
-    return latest["policy"] if latest.get("obs") is obs else agent(obs)[0]
+    pass, on these very observations and in a graph (the hook's: no extra forward), else a forward pass of its own (a
+    composed method's forward pass came in between; a no-grad one on the same `obs` would give the term no gradient)."""
+    if latest.get("obs") is obs and latest["policy"].requires_grad:
+        return latest["policy"]
+    return agent(obs)[0]
 
 
 @torch.no_grad()

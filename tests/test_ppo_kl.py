@@ -1,9 +1,11 @@
 """algos/ppo_kl.py: the k1 / k2 / k3 estimators and the exact KL against hand computations; the expected gradient of
 every estimator-placement pair on a small categorical policy against the exact reverse-KL gradient (the paper's point:
 which pairs are correct); the penalty in the rewards fed to GAE (by hand, and end to end against a reference network
-the test builds itself); the hook handing the rollout's pi_old and the loss pass's pi_theta to the penalty; the init
-reference frozen at the agent's initial weights; a ppo.py checkpoint as the reference; --kl-beta 0 against ppo.py
-(same episodes); MinAtar, Atari and continuous runs; bad input."""
+the test builds itself); the hook handing the rollout's pi_old and the loss pass's pi_theta to the penalty; the loss
+placement's wiring in run() (the minibatch's reference log-probs, the term in the gradient with weight beta, its log);
+the init reference frozen at the agent's initial weights; a ppo.py checkpoint as the reference; --kl-beta 0 against
+ppo.py (same episodes, CartPole and MinAtar); MinAtar, Atari and continuous runs; bad input (a checkpoint trained with
+another --norm-obs included)."""
 
 from __future__ import annotations
 
@@ -208,11 +210,12 @@ def test_reward_placement_feeds_gae_r_minus_beta_k(kl, ppo, checkpoint, tmp_path
     assert largest > 1e-3  # the agent has moved away from the reference: the check is not vacuous
 
 
-@pytest.mark.parametrize("pass_in_between", [False, True])
+@pytest.mark.parametrize("pass_in_between", ["none", "another forward", "a no-grad forward on the same obs"])
 def test_rollout_and_loss_read_the_policy_outputs_of_their_own_passes(kl, tmp_path, monkeypatch, pass_in_between):
     """The hook hands kl_rollout pi_old's outputs (the agent, unchanged since its rollout, recomputes them) and
     kl_loss pi_theta's on the minibatch, in the graph: the loss pass's own output (no extra forward), or, when another
-    forward pass of the agent came in between (as a composed method's), a forward pass of its own."""
+    forward pass of the agent came in between (as a composed method's: on other observations, or without a graph on the
+    very same ones, whose output would give the KL term no gradient), a forward pass of its own."""
     checked = {"rollout": 0, "loss": 0, "forwards": 0}
     rollout, loss, ppo_loss, forward = kl.kl_rollout, kl.kl_loss, kl.ppo_loss, kl.Agent.forward
     last = {}
@@ -232,8 +235,11 @@ def test_rollout_and_loss_read_the_policy_outputs_of_their_own_passes(kl, tmp_pa
                 is_linear = isinstance(layer, torch.nn.Linear)
                 h = torch.nn.functional.linear(h, layer.weight, layer.bias) if is_linear else layer(h)
             last["expected"] = h
-        if pass_in_between:
+        if pass_in_between == "another forward":
             agent(obs[:3])
+        elif pass_in_between == "a no-grad forward on the same obs":
+            with torch.no_grad():
+                agent(obs)
         last["forwards"] = checked["forwards"]
         return out
 
@@ -243,7 +249,8 @@ def test_rollout_and_loss_read_the_policy_outputs_of_their_own_passes(kl, tmp_pa
 
     def spy_loss(agent, policy_out, actions, ref_logprobs, estimator):
         assert policy_out.requires_grad and torch.allclose(policy_out.detach(), last.pop("expected"), atol=1e-6)
-        assert checked["forwards"] == last.pop("forwards") + pass_in_between  # its own forward pass only if needed
+        own_pass = pass_in_between != "none"
+        assert checked["forwards"] == last.pop("forwards") + own_pass  # its own forward pass only if needed
         checked["loss"] += 1
         return loss(agent, policy_out, actions, ref_logprobs, estimator)
 
@@ -254,6 +261,62 @@ def test_rollout_and_loss_read_the_policy_outputs_of_their_own_passes(kl, tmp_pa
     run_in_process(kl, tmp_path, "loss", "CartPole-v1", dict(TINY, update_epochs=2, num_minibatches=2),
                    kl_placement="loss", kl_estimator="k2", kl_beta=0.5)
     assert checked["rollout"] == 4 and checked["loss"] == 4 * 2 * 2
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_loss_placement_wiring_in_run(kl, ppo, checkpoint, tmp_path, monkeypatch, estimator):
+    """run()'s loss placement end to end (a ppo.py checkpoint as the reference, beta 0.5, 2 epochs x 2 minibatches):
+    every minibatch's kl_loss gets the minibatch's own actions and the reference's log-probs of exactly those
+    (state, action) pairs, computed here by ppo.py's network on the minibatch's observations; its term is the mean k
+    of ell by hand; the gradient the optimizer step clips is the PPO loss's gradient + beta * the term's (so the term
+    reaches the update with weight beta); losses/kl_term logs each iteration's last term."""
+    beta, state, terms, visible = 0.5, {}, [], []
+    ppo_loss, loss, clip = kl.ppo_loss, kl.kl_loss, torch.nn.utils.clip_grad_norm_
+
+    def spy_ppo_loss(agent, obs, actions, *rest, **kw):
+        out = ppo_loss(agent, obs, actions, *rest, **kw)
+        state["batch"] = (agent, obs, actions, out[0])
+        return out
+
+    def spy_loss(agent, policy_out, actions, ref_logprobs, estimator_passed):
+        same_agent, obs, mb_actions, ppo_total = state.pop("batch")
+        assert agent is same_agent and estimator_passed == estimator
+        assert torch.equal(actions, mb_actions)
+        by_hand = ref_logprobs_by_hand(ppo, checkpoint, obs, actions)
+        assert ref_logprobs.shape == by_hand.shape
+        assert torch.allclose(ref_logprobs.double(), by_hand, rtol=0, atol=1e-5)  # this minibatch's, not others'
+        term = loss(agent, policy_out, actions, ref_logprobs, estimator_passed)
+        logits = policy_out.detach().double()
+        ell = logits.gather(1, actions.view(-1, 1)).squeeze(1) - torch.logsumexp(logits, -1) - by_hand
+        k = ell if estimator == "k1" else torch.exp(-ell) - 1 + ell
+        assert term.item() == pytest.approx(k.mean().item(), rel=1e-4, abs=1e-6)
+        params = list(agent.parameters())
+        grads = [torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) for part in (ppo_total, term)]
+        ppo_only = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[0])]
+        state["expected"] = [g + beta * (0 if h is None else h) for g, h in zip(ppo_only, grads[1])]
+        # would the PPO gradient alone fail the check below? (then a term that misses the update is caught)
+        state["visible"] = not all(torch.allclose(g, e, rtol=1e-4, atol=1e-6)
+                                   for g, e in zip(ppo_only, state["expected"]))
+        terms.append(term.item())
+        return term
+
+    def spy_clip(parameters, *rest, **kw):
+        parameters = list(parameters)
+        if "expected" in state:  # the update's clipping (the only call with metrics_every=0)
+            for p, expected in zip(parameters, state.pop("expected")):
+                assert torch.allclose(p.grad, expected, rtol=1e-4, atol=1e-6)
+            visible.append(state.pop("visible"))
+        return clip(parameters, *rest, **kw)
+
+    monkeypatch.setattr(kl, "ppo_loss", spy_ppo_loss)
+    monkeypatch.setattr(kl, "kl_loss", spy_loss)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    run = run_in_process(kl, tmp_path, "loss", "CartPole-v1", dict(TINY, update_epochs=2, num_minibatches=2),
+                         kl_placement="loss", kl_estimator=estimator, kl_beta=beta, kl_reference=checkpoint)
+    assert len(terms) == 4 * 2 * 2 and "expected" not in state
+    assert sum(visible) >= len(visible) // 2  # beta * the term's gradient shows: the check is not vacuous
+    logged = [value for _, value in read_scalars(run)["losses/kl_term"]]
+    assert logged == pytest.approx(terms[3::4], rel=1e-6, abs=1e-7)  # each iteration's last minibatch, before beta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,6 +369,9 @@ def test_path_reference_is_the_checkpoint_and_the_agent_starts_from_it(kl, check
 
 
 def test_bad_reference_files_are_one_line_errors(kl, checkpoint, tmp_path, capsys):
+    """A missing file, another task, another network, a tensor of another shape, a non-torch file, and a checkpoint
+    trained with another --norm-obs than the run's (either way): one line naming --kl-reference (and --norm-obs for
+    the last), exit status 2, summary.json status failed."""
     saved = torch.load(checkpoint, weights_only=True)
     files = {"missing": (str(tmp_path / "missing.pt"), "no such file")}
     other_task = tmp_path / "other_task.pt"
@@ -320,10 +386,15 @@ def test_bad_reference_files_are_one_line_errors(kl, checkpoint, tmp_path, capsy
     not_torch = tmp_path / "text.pt"
     not_torch.write_text("not a checkpoint")
     files["not a torch file"] = (str(not_torch), "safe loading")
-    for case, (path, fragment) in files.items():
-        out_dir = tmp_path / case.replace(" ", "_")
+    # the observation statistics in the state dict apply only with the --norm-obs the checkpoint was trained with
+    normalised = tmp_path / "norm_obs.pt"
+    torch.save(dict(saved, args=dict(saved["args"], norm_obs=True)), normalised)
+    files["trained with --norm-obs"] = (str(normalised), "--norm-obs True, this run has --norm-obs False")
+    files["run with --norm-obs"] = (checkpoint, "--norm-obs False, this run has --norm-obs True", "--norm-obs", "True")
+    for case, (path, fragment, *flags) in files.items():
+        out_dir = tmp_path / case.replace(" ", "_").replace("--", "")
         code, lines = call_main(kl, ["--env-id", "CartPole-v1", "--total-timesteps", 256, "--num-envs", 2,
-                                     "--num-steps", 64, "--eval-episodes", 0, "--kl-reference", path,
+                                     "--num-steps", 64, "--eval-episodes", 0, "--kl-reference", path, *flags,
                                      "--device", "cpu", "--output-dir", out_dir, "--run-name", "bad"], capsys)
         assert code == 2 and len(lines) == 1, (case, lines)
         assert lines[0].startswith("error: --kl-reference") and fragment in lines[0], (case, lines)
@@ -349,6 +420,16 @@ def test_beta_zero_is_ppo_py_and_the_default_is_not(kl, ppo, tmp_path):
     assert KL_KEYS <= off_scalars.keys() and "kl/penalty" not in off_scalars
     assert KL_KEYS | {"kl/penalty", "kl/penalty_share"} <= on_scalars.keys() and "losses/kl_term" not in on_scalars
     assert off_scalars["kl/exact"][-1][1] > 0  # the unregularised agent drifts from its initial policy
+
+
+def test_beta_zero_is_ppo_py_on_minatar(kl, ppo, tmp_path):
+    """--kl-beta 0 (init reference) on MinAtar/Breakout (the kl-ppo suite's task) writes ppo.py's episodes.csv."""
+    settings = dict(total_timesteps=1024, num_envs=4, num_steps=64, num_minibatches=4, eval_episodes=0,
+                    metrics_every=8)
+    base = run_in_process(ppo, tmp_path, "ppo", "MinAtar/Breakout", settings)
+    off = run_in_process(kl, tmp_path, "off", "MinAtar/Breakout", settings, kl_beta=0.0)
+    assert_same_run(base, off, "ppo_kl.py --kl-beta 0 on MinAtar/Breakout")
+    assert read_scalars(off)["losses/value_loss"] == read_scalars(base)["losses/value_loss"]
 
 
 def test_minatar_run_with_the_penalty_in_the_reward(kl, tmp_path):
