@@ -1,28 +1,40 @@
-"""PPO on EnvPool: the base script for the on-policy interventions.
+"""PPO + Mixtures of Experts (SoftMoE, Top-1 MoE or task-routed experts in the actor-critic) on EnvPool and MinAtar.
 
-Paper: "Proximal Policy Optimization Algorithms", Schulman, Wolski, Dhariwal, Radford and Klimov, 2017,
-https://arxiv.org/abs/1707.06347. Implementation details and defaults follow CleanRL ("The 37 Implementation
-Details of Proximal Policy Optimization", Huang et al., ICLR Blog Track 2022): `ppo_atari_envpool.py` on Atari,
-`ppo.py` on classic control and MiniGrid, `ppo_continuous_action.py` on MuJoCo and DeepMind Control.
+Paper: "Mixture of Experts in a Mixture of RL Settings", Timon Willi*, Johan Obando-Ceron*, Jakob Foerster, Karolina
+Dziugaite, Pablo Samuel Castro, RLC 2024 (RLJ paper 130), https://arxiv.org/abs/2406.18420. No public official code
+(the paper builds on PureJaxRL's PPO). Only the abstract, the introduction and secondary summaries were read: the
+placements (Middle, Final, All, Big), the routers (learned or hard-coded by task id), the settings (multi-task and
+continual MinAtar SpaceInvaders, Breakout, Asterix) are the paper's; how each maps onto ppo.py's networks, the
+expert shapes, the task router's weights and every default are RECONSTRUCTIONS, marked so here, in --help and in
+docs/ppo_moe.md. The MoE layers themselves (Soft MoE's dispatch and combine, the Top-1 router with capacity and token
+dropping, the tokenisers) are dqn_softmoe.py's, from google/dopamine `dopamine/labs/moes/` (read at commit 5873f54).
 
-Method: collect a rollout of `num_steps` steps in each of `num_envs` environments with the current stochastic
-policy, estimate advantages with GAE, then run `update_epochs` epochs of minibatch Adam steps on the clipped
-surrogate objective plus a (clipped) value loss and an entropy bonus.
+Method: dense layers of PPO's actor and critic are replaced by mixtures of experts. A Soft MoE mixes its m input
+tokens into slots with dispatch weights (a softmax of X Phi over the tokens), runs each expert on its slots and gives
+each token a convex mix of the slot outputs (a softmax of the same logits over all slots); a Top-1 MoE sends each
+token to its argmax expert (capacity, dropping, output scaled by the gate); a task router sends the examples of task
+k to expert k. On ppo.py's MLPs (vector tasks and MinAtar, which ppo.py flattens) a layer's input vector is one token
+and each expert has the replaced layer's shape, so Soft MoE is a softmax-gated mixture of the experts
+[reconstruction]; on pixels the Nature CNN's map is tokenised as in dqn_softmoe.py. `big` wraps each whole MLP in one
+MoE, every expert a full MLP. `--multi-task` plays several MinAtar games at once (the paper's multi-task setting); a
+task sequence (`--env-ids ... --steps-per-task`) is its continual setting.
 
-What this script adds to the textbook algorithm (all documented in docs/ppo.md, "Implementation details"):
-  - one script for pixels (shared Nature CNN), vectors and Dict observations (separate 64-64 tanh MLPs), with
-    a categorical or diagonal-Gaussian policy chosen from the action space, and per-family CleanRL defaults;
-  - time-limit truncation bootstraps from the value of the final observation, which EnvPool's next-step
-    auto-reset hands us; the auto-reset pseudo-steps are masked out of the rollout;
-  - observation and reward normalisation inside the script (statistics saved with the model);
-  - full-game, unclipped episode returns (from `info`) even with episodic life and reward clipping on;
-  - task sequences (`--env-ids A B C --steps-per-task N`) for continual learning;
-  - `plasticity/` diagnostics (dormant and gradient-inactive fractions, srank, norms);
-  - evaluation, checkpoints, and machine-readable outputs (config.json, episodes.csv, summary.json).
+Differences from the base script (`diff algos/ppo.py algos/ppo_moe.py` shows exactly these):
+  - flags `--moe-type {softmoe,top1,none}` (none: ppo.py exactly), `--num-experts`, `--moe-placement
+    {middle,final,all,big}`, `--moe-networks {actor,critic,both}`, `--router {learned,task}`, `--tokenize`,
+    `--expert-hidden`, `--capacity-factor`, `--softmoe-normalize`, `--patch-size`, `--patch-embedding` (the names of
+    dqn_softmoe.py's flags) and `--multi-task`, checked at the end of `resolve_args`;
+  - a block of classes and functions: dqn_softmoe.py's (`lecun_normal_`, `MoETokens`, `SoftMoERouter`, `Top1Router`,
+    `experts_matmul`, `MoEExpertsIn`, `MoEExpertsOut`, `MoECombine`, `softmoe_layers`, `entropy`, `moe_metrics`) and
+    this script's (`TaskRouter`, `MoELinear`: the one-token MoE in place of one Linear, `MoEPackedLinear` and
+    `MoEBigRouter`: `big`'s experts, `moe_layers`: the surgery at the end of `Agent.__init__` from the settings
+    `moe_configure` records, `moe_check_checkpoint`, `MoEMultiTaskEnv`, the task-id helpers);
+  - `make_env` returns the multi-task env with `--multi-task`; episodes.csv's task column names the game each
+    episode was played in (the current task otherwise, as ppo.py);
+  - in the loop: the task ids handed to the task routers before each forward pass (rollout, minibatch, diagnostics,
+    evaluation), and the `moe/` logs (per-expert load and dormant units) beside the `plasticity/` ones.
 
-Differences from the base script: none (this *is* the base script of the PPO family).
-
-Docs: docs/ppo.md. Conventions every script follows: docs/conventions.md.
+Base script: algos/ppo.py (docs/ppo.md). Docs: docs/ppo_moe.md. Conventions: docs/conventions.md.
 """
 
 from __future__ import annotations
@@ -1561,9 +1573,9 @@ def run(args: Args) -> dict:
                         valid_idx = np.flatnonzero(valid_buf.reshape(-1))
                         sample = torch.from_numpy(metrics_rng.choice(
                             valid_idx, min(args.metrics_batch_size, len(valid_idx)), replace=False)).to(device)
+                        moe_set_task(agent, rollout_task, sample % num_envs)  # MoE: the sample's task ids (detail 5)
                         metrics_batch = (b_obs[sample], b_actions[sample], b_logprobs[sample], b_advantages[sample],
                                          b_returns[sample], b_values[sample])
-                        moe_set_task(agent, rollout_task, sample % num_envs)  # MoE: the sample's task ids (detail 5)
                         for key, value in plasticity_metrics(agent, metrics_batch, args).items():
                             writer.add_scalar(key, value, global_step)
                         for key, value in moe_metrics(agent, b_obs[sample]).items():  # MoE: moe/ logs (detail 7)
