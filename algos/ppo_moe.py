@@ -1294,6 +1294,11 @@ def moe_metrics(agent, obs, taus=(0.0, 0.1)) -> dict[str, float]:
     return metrics
 
 
+def moe_log(writer, metrics: dict, global_step: int):
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, global_step)
+
+
 def moe_dormant(metrics: dict, layer: str, scores: torch.Tensor, taus):
     """Each expert's tau-dormant fraction from unit scores (experts, units per expert)."""
     for tau in taus:
@@ -1578,8 +1583,7 @@ def run(args: Args) -> dict:
                                          b_returns[sample], b_values[sample])
                         for key, value in plasticity_metrics(agent, metrics_batch, args).items():
                             writer.add_scalar(key, value, global_step)
-                        for key, value in moe_metrics(agent, b_obs[sample]).items():  # MoE: moe/ logs (detail 7)
-                            writer.add_scalar(key, value, global_step)
+                        moe_log(writer, moe_metrics(agent, b_obs[sample]), global_step)  # MoE: moe/ logs (detail 7)
                 if args.target_kl is not None and loss_stats["approx_kl"].item() > args.target_kl:
                     break
 
