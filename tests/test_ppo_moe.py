@@ -10,6 +10,7 @@ End-to-end runs call `run()` in this process (tests/helpers.py, run_in_process);
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from collections import OrderedDict
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same_run, call_main, load_script, read_csv, read_json, read_scalars, run_in_process
+from helpers import assert_same_run, call_main, load_script, read_json, read_scalars, run_in_process
 
 SMOKE = dict(total_timesteps=512, num_envs=2, num_steps=64, eval_episodes=0, metrics_every=8)
 MINATAR = dict(total_timesteps=512, num_envs=4, num_steps=32, num_minibatches=4, eval_episodes=1, metrics_every=8)
@@ -310,10 +311,9 @@ def test_none_is_ppo_py_and_the_default_is_not(moe, ppo, tmp_path, env_id, flags
     off = run_in_process(moe, tmp_path, "off", env_id, flags, moe_type="none")
     assert_same_run(base, off, "ppo_moe.py --moe-type none", min_lines=5)
     assert not any(key.startswith("moe/") for key in read_scalars(off))
-    if env_id == "CartPole-v1":
-        on = run_in_process(moe, tmp_path, "on", env_id, flags, metrics_every=0, total_timesteps=1024)
-        longer = run_in_process(ppo, tmp_path, "ppo_long", env_id, flags, metrics_every=0, total_timesteps=1024)
-        assert open(os.path.join(on, "episodes.csv")).read() != open(os.path.join(longer, "episodes.csv")).read()
+    if env_id == "CartPole-v1":  # the default MoE changes the critic from the first update on
+        on = run_in_process(moe, tmp_path, "on", env_id, flags, metrics_every=0)
+        assert read_scalars(on)["losses/value_loss"] != read_scalars(base)["losses/value_loss"]
 
 
 def test_minatar_run_logs_moe_keys_diagnostics_change_nothing_and_checkpoint(moe, tmp_path):
@@ -342,7 +342,9 @@ def test_task_routing_in_multi_task_minatar(moe, tmp_path):
         env_ids=games, multi_task=True, steps_per_task=384, num_envs=6, num_steps=32, num_minibatches=4,
         eval_episodes=3, metrics_every=8), router="task", moe_placement="big")
     assert read_json(os.path.join(run, "summary.json"))["global_step"] == 3 * 384
-    assert set(games) >= {row["task"] for row in read_csv(os.path.join(run, "episodes.csv"))} > {games[0]}
+    with open(os.path.join(run, "episodes.csv")) as f:
+        played = {row["task"] for row in csv.DictReader(f)}
+    assert set(games) >= played and len(played) >= 2
     scalars = read_scalars(run)
     loads = [scalars[f"moe/load/actor.big/expert{k}"][-1][1] for k in range(4)]
     assert loads[3] == 0.0 and all(0.15 < load < 0.55 for load in loads[:3]) and sum(loads) == pytest.approx(1.0)
