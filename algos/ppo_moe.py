@@ -24,11 +24,13 @@ Differences from the base script (`diff algos/ppo.py algos/ppo_moe.py` shows exa
     {middle,final,all,big}`, `--moe-networks {actor,critic,both}`, `--router {learned,task}`, `--tokenize`,
     `--expert-hidden`, `--capacity-factor`, `--softmoe-normalize`, `--patch-size`, `--patch-embedding` (the names of
     dqn_softmoe.py's flags) and `--multi-task`, checked at the end of `resolve_args`;
-  - a block of classes and functions: dqn_softmoe.py's (`lecun_normal_`, `MoETokens`, `SoftMoERouter`, `Top1Router`,
-    `experts_matmul`, `MoEExpertsIn`, `MoEExpertsOut`, `MoECombine`, `softmoe_layers`, `entropy`, `moe_metrics`) and
-    this script's (`TaskRouter`, `MoELinear`: the one-token MoE in place of one Linear, `MoEPackedLinear` and
-    `MoEBigRouter`: `big`'s experts, `moe_layers`: the surgery at the end of `Agent.__init__` from the settings
-    `moe_configure` records, `moe_check_checkpoint`, `MoEMultiTaskEnv`, the task-id helpers);
+  - a block of classes and functions: dqn_softmoe.py's (`lecun_normal_`, `MoETokens`, `SoftMoERouter` (its logits
+    as a method of their own, for the task router), `Top1Router`, `experts_matmul`, `MoEExpertsIn`, `MoEExpertsOut`,
+    `MoECombine`, `softmoe_layers` (without the head: `moe_layers` rebuilds ppo.py's two), `entropy`) and this
+    script's (`moe_metrics`: dqn_softmoe.py's name, with per-layer keys; `TaskRouter`; `MoELinear`: the one-token MoE
+    in place of one Linear; `MoEPackedLinear` and `MoEBigRouter`: `big`'s experts; `moe_layers`: the surgery at the
+    end of `Agent.__init__` from the settings `moe_configure` records in `MOE_SETTINGS`; `moe_check_checkpoint`;
+    `MoEMultiTaskEnv`; the task-id and logging helpers);
   - `make_env` returns the multi-task env with `--multi-task`; episodes.csv's task column names the game each
     episode was played in (the current task otherwise, as ppo.py);
   - in the loop: the task ids handed to the task routers before each forward pass (rollout, minibatch, diagnostics,
@@ -203,8 +205,8 @@ class Args:
     router: Literal["learned", "task"] = "learned"
     """`learned`: the --moe-type router (SoftMoE's Phi, Top1's linear router); `task`: hard-coded routing by task id,
     game k of --env-ids (first appearance, so a game that comes back gets its expert again) to expert k; needs a task
-    sequence or --multi-task and --num-experts >= the number of games. The learned router never sees the task id
-    [reconstruction, detail 5]"""
+    sequence or --multi-task and --num-experts >= the number of games; within expert k, Soft MoE's weights over its
+    slots whatever --moe-type says. The learned router never sees the task id [reconstruction, detail 5]"""
     tokenize: Literal["per-conv", "per-feature-map", "per-sample", "per-patch"] = "per-conv"
     """pixels: how the Nature CNN's 64 x 7 x 7 map becomes the tokens of fc1's MoE, per example, as dqn_softmoe.py
     (per-conv: 49 tokens of 64). Vectors and MinAtar (flattened by ppo.py): every MoE layer's input vector is one token
@@ -408,11 +410,14 @@ def resolve_args(args: Args):
     if not args.capacity_factor > 0:
         raise UserError(f"--capacity-factor must be > 0; got {args.capacity_factor}")
     if pixel and args.moe_placement == "big":
-        raise UserError(f"--moe-placement big wraps an MLP; {tasks[0]} has pixels (a CNN trunk): use middle, final or all")
+        raise UserError(f"--moe-placement big wraps an MLP; {tasks[0]} has pixels (a CNN trunk): use middle, final or "
+                        "all")
     if pixel and args.moe_placement == "middle" and args.moe_networks != "both":
-        raise UserError(f"--moe-networks {args.moe_networks}: on pixels the penultimate layer (fc1) is in the shared trunk")
+        raise UserError(f"--moe-networks {args.moe_networks}: on pixels the penultimate layer (fc1) is in the shared "
+                        "trunk")
     if not pixel and args.tokenize not in ("per-conv", "per-sample"):
-        raise UserError(f"--tokenize {args.tokenize} cuts a conv map; {tasks[0]} feeds MLPs, whose layers see one token")
+        raise UserError(f"--tokenize {args.tokenize} cuts a conv map; {tasks[0]} feeds MLPs, whose layers see one "
+                        "token")
     if not pixel and args.moe_placement != "big" and args.expert_hidden != 64:
         raise UserError("--expert-hidden applies to pixels and --moe-placement big; the experts of one MLP layer have "
                         "that layer's shape")
@@ -821,11 +826,16 @@ def plasticity_metrics(agent, batch, args: Args, taus=(0.0, 0.1)) -> dict[str, f
 
 
 # --- Mixture of Experts (docs/ppo_moe.md): routers, experts, the network surgery, multi-task envs, moe/ metrics ---
-# The routers, the expert layers of the pixel MoE, `softmoe_layers` and `moe_metrics` are dqn_softmoe.py's (same
-# names); the one-token MLP layer (MoELinear), the packed MLP experts of `big` (MoEPackedLinear), the task router and
-# the multi-task env are this script's.
+# The routers, the expert layers of the pixel MoE and `softmoe_layers` are dqn_softmoe.py's (same names; the
+# differences are in the module docstring); `moe_metrics` (per-layer keys), the one-token MLP layer (MoELinear), the
+# packed MLP experts of `big` (MoEPackedLinear), the task router and the multi-task env are this script's.
 
-MOE_SETTINGS: dict = {"moe_type": "none"}  # the network flags Agent reads at its end (set by moe_configure in run)
+# The MoE flags (and the seed) of the Agent the next `Agent(...)` call builds. `run` fills it (moe_configure, right
+# after resolve_args) and Agent.__init__ reads it in its last line (moe_layers): a module-level setting rather than a
+# constructor parameter, because a parameter would change ppo.py's `Agent(...)` call and `__init__` signature, the
+# lines other PPO methods change too (docs/conventions.md, section 9). An Agent built outside `run` (a test, a
+# notebook) is ppo.py's network unless moe_configure(args) is called first (docs/ppo_moe.md, detail 1).
+MOE_SETTINGS: dict = {"moe_type": "none"}
 
 
 def lecun_normal_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -950,7 +960,8 @@ def experts_matmul(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) ->
 
 class MoEExpertsIn(nn.Linear):
     """Every expert's first dense layer, Dense(d -> hidden), as one Linear of experts * hidden units (rows e*hidden ..
-    (e+1)*hidden - 1 are expert e's; as dqn_softmoe.py). (N, experts * d, slots, 1) -> (N, experts * hidden, slots, 1)."""
+    (e+1)*hidden - 1 are expert e's; as dqn_softmoe.py).
+    (N, experts * d, slots, 1) -> (N, experts * hidden, slots, 1)."""
 
     def __init__(self, experts: int, d: int, hidden: int):
         super().__init__(d, experts * hidden)
@@ -1061,8 +1072,8 @@ class MoEPackedLinear(nn.Linear):
     """--moe-placement big (docs/ppo_moe.md, detail 1) [reconstruction]: one Linear layer of `experts` whole MLPs side
     by side, expert e's units e*out .. (e+1)*out - 1. The first layer reads the shared input (weight (experts*out,
     in)); the others are block-diagonal (expert e's units read only expert e's units below them; weights outside the
-    blocks are masked to zero in the forward pass). Each block has ppo.py's init. The last layer (`combine=True`) mixes
-    the experts' outputs with the combine weights its MLP's MoEBigRouter left in `shared`: (N, experts*out) -> (N, out),
+    blocks are masked to zero in the forward pass). Each block has ppo.py's init. The last layer (given `shared`) mixes
+    the experts' outputs with the combine weights its MLP's MoEBigRouter left there: (N, experts*out) -> (N, out),
     and says out_features = out."""
 
     def __init__(self, fan_in: int, out: int, std: float, experts: int, first: bool, shared: Optional[dict] = None):
@@ -1114,9 +1125,9 @@ def moe_big_mlp(mlp: nn.Sequential, std: float, settings: dict) -> nn.Sequential
 def moe_layers(agent, settings: dict, obs_shape: tuple):
     """Replace ppo.py's layers by MoEs as the flags say (docs/ppo_moe.md, detail 1), at the end of Agent.__init__, so
     that every method composed with this one (target copies, hooks, optimizers) sees the MoE network. The MoE's
-    parameters are drawn from a generator of their own (torch.random.fork_rng, seeded from the run's seed), so ppo.py's
-    draws and its action-sampling stream are unchanged. Builds on ppo.py's layouts only: a network another method laid
-    out differently is left as it is. --moe-type none: nothing (ppo.py's network)."""
+    parameters are drawn from the CPU generator reseeded from the run's seed inside torch.random.fork_rng, so ppo.py's
+    draws and its action-sampling stream (CPU or CUDA) are unchanged. Builds on ppo.py's layouts only: a network
+    another method laid out differently is left as it is. --moe-type none: nothing (ppo.py's network)."""
     if settings["moe_type"] == "none":
         return
     s = settings
@@ -1124,14 +1135,17 @@ def moe_layers(agent, settings: dict, obs_shape: tuple):
     sides = ("actor", "critic") if s["moe_networks"] == "both" else (s["moe_networks"],)
     mlp_names = ("fc1", "act1", "fc2", "act2", "out")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(np.random.SeedSequence([s["seed"], 18]).generate_state(1)[0]))
+        # the CPU generator only: torch.manual_seed would also reseed CUDA's, which fork_rng(devices=[]) does not
+        # restore, and change the action sampling of a run on the GPU (docs/ppo_moe.md, detail 9)
+        torch.default_generator.manual_seed(int(np.random.SeedSequence([s["seed"], 18]).generate_state(1)[0]))
         if agent.pixel and list(agent.trunk._modules)[-3:] == ["flatten", "fc1", "act4"]:
             if s["moe_placement"] in ("middle", "all"):  # fc1 -> dqn_softmoe.py's token MoE, heads on m * d features
                 agent.trunk = softmoe_layers(agent.trunk, obs_shape, True, s["moe_type"], s["num_experts"],
                                              s["tokenize"], s["expert_hidden"], s["capacity_factor"],
                                              s["softmoe_normalize"], s["patch_size"], s["patch_embedding"], s["router"])
-                with torch.no_grad():
-                    features = agent.trunk(torch.zeros(1, *obs_shape)).shape[1]
+                with torch.no_grad():  # m * d: the MoE keeps the tokens' shape (no pass through a router, whose
+                    tokens = agent.trunk[: list(agent.trunk._modules).index("tokens") + 1]  # task ids are not set)
+                    features = tokens(torch.zeros(1, *obs_shape))[0].numel()
                 for side in ("actor", "critic"):
                     head = getattr(agent, side).out
                     getattr(agent, side).out = layer_init(nn.Linear(features, head.out_features), std=stds[side])

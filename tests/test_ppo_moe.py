@@ -144,6 +144,11 @@ def test_pixel_trunk_tokens_and_heads(moe):
         assert tuple(net.trunk.router.phi.shape) == (d, 4, math.ceil(m / 4))
         assert net.actor.out.in_features == net.critic.out.in_features == m * d
         assert "fc1" not in names
+    routed = agent(moe, NATURE_OBS, 6, router="task", expert_hidden=8)  # builds without task ids (no router pass)
+    assert routed.actor.out.in_features == 49 * 64
+    moe.moe_set_task(routed, torch.tensor([1, 0]))
+    with torch.no_grad():
+        assert tuple(routed(torch.zeros(2, *NATURE_OBS, dtype=torch.uint8))[0].shape) == (2, 6)
     final = agent(moe, NATURE_OBS, 6, moe_placement="final", moe_networks="actor")
     assert isinstance(final.actor.out, moe.MoELinear) and type(final.critic.out) is torch.nn.Linear
     assert final.trunk.fc1.out_features == 512
@@ -192,6 +197,10 @@ def test_softmoe_mlp_layer_is_a_softmax_gated_mixture(moe):
     # capacity 2: two slots per expert, both holding x; the combine weights of an expert's slots add up
     wide = moe.MoELinear(4, 3, np.sqrt(2), "softmoe", 3, 6.0, False, "learned")
     assert wide.router.phi.shape == (4, 3, 2)
+    gates = torch.softmax((x @ wide.router.phi.detach().flatten(1)), dim=1).view(5, 3, 2).sum(dim=2)
+    expected = sum(gates[:, e:e + 1] * (x @ expert_linear(wide, e)[0].T + expert_linear(wide, e)[1]) for e in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), expected)
 
 
 def test_top1_mlp_layer_uses_the_argmax_expert_times_its_gate(moe):
@@ -298,6 +307,22 @@ def test_moe_draws_leave_the_global_rng_alone(moe):
     assert torch.equal(after_base, after_moe)
     base = agent(moe, (4,), 2, moe_type="none")
     assert torch.equal(net.actor.fc1.weight, base.actor.fc1.weight)
+
+
+def test_moe_draws_do_not_reseed_cuda(moe, monkeypatch):
+    """fork_rng(devices=[]) restores the CPU generator only, so the MoE seeds the CPU generator alone:
+    torch.manual_seed would also reseed CUDA's and change a GPU run's action sampling."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    moe.MOE_SETTINGS.clear()
+    moe.MOE_SETTINGS.update(settings(moe))
+    try:
+        moe.Agent((4,), 2, False)
+    finally:
+        moe.MOE_SETTINGS.clear()
+        moe.MOE_SETTINGS.update(moe_type="none")
+    assert calls == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
