@@ -20,7 +20,7 @@ Differences from the base script (`diff algos/ppo.py algos/ppo_stable.py` shows 
     (adam, radam or kron) and `--kron-compile`, checked and resolved in `resolve_args` (the family's depth and width;
     with Kron the learning rate divided by 3, recorded in config.json); `--mlp-type plain --no-layer-norm
     --optimizer adam` is ppo.py exactly;
-  - `StableBlocks` (the residual blocks), `stable_torso` (the torso's layers), `stable_settings`,
+  - `StableResidual` (the residual torso), `stable_torso` (the torso's layers), `stable_settings`,
     `stable_networks` (the torso in place of the Nature CNN's fc1 on pixels, of each of the policy and value MLPs'
     hidden layers on vectors; LayerNorm after the convolutions), `stable_check_checkpoint`, `stable_optimizer`
     (Adam, RAdam or Kron; kron_torch is imported only for Kron) and `StableGradLog`;
@@ -675,25 +675,30 @@ class Agent(nn.Module):
 # --- Stable gradients (docs/ppo_stable.md): the torso, its set-up, the optimizer and the gradient logs ---
 
 
-class StableBlocks(nn.ModuleList):
-    """The residual blocks of the torso (docs/ppo_stable.md, detail 1), all of width `width`. Block k maps x to
-    x + F_k(x), and with `global_skip` (the multi-skip torso) to x + F_k(x) + g, where g is the blocks' input (the
-    torso's first Linear output, after its LayerNorm), the same for every block; F = act -> Linear -> [LN] -> act ->
-    Linear -> [LN], as the official code's ResidualBlock (its Linears orthogonal with gain sqrt(2), bias 0)."""
+class StableResidual(nn.Module):
+    """The residual part of the torso (docs/ppo_stable.md, detail 1): fc_in (in_dim -> width) [LN], whose output g
+    starts the residual stream, then `depth` blocks. Block k maps x to x + F_k(x), and with `global_skip` (the
+    multi-skip torso) to x + F_k(x) + g, the same g for every block; F = act -> Linear -> [LN] -> act -> Linear -> [LN],
+    as the official code's ResidualBlock. Linears orthogonal with gain sqrt(2), bias 0 (the official layer_init);
+    LayerNorms PyTorch's (gain 1, bias 0). One module, so that a walker of the Sequential's (Linear, activation) pairs
+    (the diagnostics, ReGraMa's recycle plan) sees the torso's fc2 and its activation, not a Linear without one."""
 
-    def __init__(self, width: int, depth: int, layer_norm: bool, act, global_skip: bool):
+    def __init__(self, in_dim: int, width: int, depth: int, layer_norm: bool, act, global_skip: bool):
         super().__init__()
         self.global_skip = global_skip
+        self.fc_in = layer_init(nn.Linear(in_dim, width))
+        self.norm_in = nn.LayerNorm(width) if layer_norm else nn.Identity()
+        self.blocks = nn.ModuleList()
         for _ in range(depth):
             layers = [("act_a", act()), ("fc_a", layer_init(nn.Linear(width, width)))]
             layers += [("norm_a", nn.LayerNorm(width))] if layer_norm else []
             layers += [("act_b", act()), ("fc_b", layer_init(nn.Linear(width, width)))]
             layers += [("norm_b", nn.LayerNorm(width))] if layer_norm else []
-            self.append(nn.Sequential(OrderedDict(layers)))
+            self.blocks.append(nn.Sequential(OrderedDict(layers)))
 
     def forward(self, x):
-        g = x
-        for block in self:
+        x = g = self.norm_in(self.fc_in(x))
+        for block in self.blocks:
             x = x + block(x) + g if self.global_skip else x + block(x)
         return x
 
@@ -705,8 +710,9 @@ def stable_torso(in_dim: int, out_dim: int, args: Args, act) -> list:
     """The torso's layers as (name, module) for an nn.Sequential, ending with the activation the linear heads read
     (the official heads are act -> Linear) (detail 1). plain: `mlp_depth` Linears in_dim -> H -> ... -> out_dim, each
     followed by [LN] and act (named fc1, fc2, ...: at ppo.py's sizes the parameters are ppo.py's, name for name);
-    residual / multiskip: fc1 (in_dim -> H) [LN], the blocks, fc2 (H -> out_dim) [LN], act. Every Linear gets ppo.py's
-    (and the official code's) init: orthogonal with gain sqrt(2), bias 0; LayerNorms PyTorch's (1, 0)."""
+    residual / multiskip: the StableResidual `torso` (fc_in: in_dim -> H, [LN], the blocks), fc2 (H -> out_dim), [LN],
+    act. Every Linear gets ppo.py's (and the official code's) init: orthogonal with gain sqrt(2), bias 0; LayerNorms
+    PyTorch's (1, 0)."""
     depth, width, norm = args.mlp_depth, args.mlp_width, args.layer_norm
     if args.mlp_type == "plain":
         sizes = [in_dim] + [width] * (depth - 1) + [out_dim]
@@ -716,8 +722,7 @@ def stable_torso(in_dim: int, out_dim: int, args: Args, act) -> list:
             layers += [(f"fc{i + 1}_norm", nn.LayerNorm(sizes[i + 1]))] if norm else []
             layers.append((f"fc{i + 1}_act", act()))
         return layers
-    layers = [("fc1", layer_init(nn.Linear(in_dim, width)))] + ([("fc1_norm", nn.LayerNorm(width))] if norm else [])
-    layers.append(("blocks", StableBlocks(width, depth, norm, act, global_skip=args.mlp_type == "multiskip")))
+    layers = [("torso", StableResidual(in_dim, width, depth, norm, act, global_skip=args.mlp_type == "multiskip"))]
     layers.append(("fc2", layer_init(nn.Linear(width, out_dim))))
     return layers + ([("fc2_norm", nn.LayerNorm(out_dim))] if norm else []) + [("fc2_act", act())]
 
@@ -813,7 +818,7 @@ def stable_optimizer(agent, args: Args, optimizer):
 
 class StableGradLog:
     """The `gradients/` logs (detail 5): the L2 norm of each layer's gradient (all its parameters; named by module,
-    e.g. gradients/trunk.conv1, gradients/actor.blocks.0.fc_a) and of the whole gradient (gradients/global, the norm
+    e.g. gradients/trunk.conv1, gradients/actor.torso.blocks.0.fc_a) and of the whole gradient (gradients/global, the norm
     that clip_grad_norm_ clips), before clipping, summed over an update's minibatches and logged as their mean. It
     only reads gradients: it never changes a run."""
 

@@ -52,8 +52,9 @@ def set_linear(layer: nn.Linear, weight, bias):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def hand_blocks(x, g, blocks, skip: bool, norm: bool):
-    """x <- x + F(x) (+ g) with F = relu -> W_a . + b_a -> [LN] -> relu -> W_b . + b_b -> [LN], in plain Python."""
+def hand_residual(x, blocks, skip: bool, norm: bool):
+    """g = [LN](x) (fc_in set to the identity), then per block x <- x + F(x) (+ g) with
+    F = relu -> W_a . + b_a -> [LN] -> relu -> W_b . + b_b -> [LN], in plain Python."""
     def linear(w, b, v):
         return [sum(wi * vi for wi, vi in zip(row, v)) + bi for row, bi in zip(w, b)]
 
@@ -65,6 +66,7 @@ def hand_blocks(x, g, blocks, skip: bool, norm: bool):
     def relu(v):
         return [max(vi, 0.0) for vi in v]
 
+    x = g = ln(x) if norm else x
     for (wa, ba), (wb, bb) in blocks:
         h = linear(wa, ba, relu(x))
         h = ln(h) if norm else h
@@ -77,9 +79,11 @@ def hand_blocks(x, g, blocks, skip: bool, norm: bool):
 @pytest.mark.parametrize("mlp_type", ["multiskip", "residual"])
 @pytest.mark.parametrize("norm", [False, True])
 def test_blocks_against_a_hand_computation(stable, mlp_type, norm):
-    """Two blocks of width 3 with fixed weights: the multi-skip blocks add g (the blocks' input) in each block, the
-    residual ones do not; LayerNorm (PyTorch's init: no affine change) after each Linear of F."""
-    blocks = stable.StableBlocks(3, 2, norm, nn.ReLU, global_skip=mlp_type == "multiskip")
+    """Two blocks of width 3 with fixed weights: the multi-skip blocks add g (fc_in's output, after its LayerNorm) in
+    each block, the residual ones do not; LayerNorm (PyTorch's init: no affine change) after each Linear."""
+    torso = stable.StableResidual(3, 3, 2, norm, nn.ReLU, global_skip=mlp_type == "multiskip")
+    set_linear(torso.fc_in, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [0.0, 0.0, 0.0])
+    blocks = torso.blocks
     weights = [(([[0.5, -1.0, 0.2], [0.3, 0.4, -0.6], [-0.7, 0.1, 0.9]], [0.1, -0.2, 0.05]),
                 ([[1.0, 0.0, -0.5], [0.2, -0.3, 0.8], [0.6, 0.5, 0.4]], [0.0, 0.3, -0.1])),
                (([[-0.4, 0.7, 0.1], [0.9, -0.2, 0.3], [0.05, 0.6, -0.8]], [0.2, 0.0, -0.3]),
@@ -87,9 +91,9 @@ def test_blocks_against_a_hand_computation(stable, mlp_type, norm):
     for block, ((wa, ba), (wb, bb)) in zip(blocks, weights):
         set_linear(block.fc_a, wa, ba)
         set_linear(block.fc_b, wb, bb)
-    g = [0.8, -0.3, 1.5]
-    got = blocks(torch.tensor([g])).squeeze(0).tolist()
-    want = hand_blocks(g, g, weights, mlp_type == "multiskip", norm)
+    x = [0.8, -0.3, 1.5]
+    got = torso(torch.tensor([x])).squeeze(0).tolist()
+    want = hand_residual(x, weights, mlp_type == "multiskip", norm)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert [name for name, _ in blocks[0].named_children()] == (
         ["act_a", "fc_a", "norm_a", "act_b", "fc_b", "norm_b"] if norm else ["act_a", "fc_a", "act_b", "fc_b"])
@@ -99,12 +103,14 @@ def test_global_skip_reaches_every_block(stable):
     """Four multi-skip blocks: each block's output is its input + F(input) + g exactly, and the output's gradient with
     respect to g through the skip alone (F's paths cut) is the number of blocks: g feeds every block directly."""
     torch.manual_seed(0)
-    blocks = stable.StableBlocks(5, 4, True, nn.ReLU, global_skip=True)
+    torso = stable.StableResidual(5, 5, 4, True, nn.ReLU, global_skip=True)
+    torso.fc_in, torso.norm_in = nn.Identity(), nn.Identity()  # g = the input
+    blocks = torso.blocks
     g = torch.randn(2, 5)
     seen = []
     for block in blocks:
         block.register_forward_hook(lambda _m, inp, out: seen.append((inp[0].detach(), out.detach())))
-    out = blocks(g)
+    out = torso(g)
     inputs = [x for x, _ in seen] + [out.detach()]
     for k, (x, f) in enumerate(seen):
         assert torch.allclose(inputs[k + 1], x + f + g, atol=1e-6), f"block {k} does not add g"
@@ -112,10 +118,11 @@ def test_global_skip_reaches_every_block(stable):
     for block in blocks:
         block.register_forward_pre_hook(lambda _m, inp: (inp[0].detach(),))
     leaf = g.clone().requires_grad_(True)
-    blocks(leaf).sum().backward()
+    torso(leaf).sum().backward()
     assert torch.allclose(leaf.grad, torch.full_like(g, 1.0 + len(blocks)))
-    plain = stable.StableBlocks(5, 4, True, nn.ReLU, global_skip=False)
-    for block in plain:
+    plain = stable.StableResidual(5, 5, 4, True, nn.ReLU, global_skip=False)
+    plain.fc_in, plain.norm_in = nn.Identity(), nn.Identity()
+    for block in plain.blocks:
         block.register_forward_pre_hook(lambda _m, inp: (inp[0].detach(),))
     leaf = g.clone().requires_grad_(True)
     plain(leaf).sum().backward()
@@ -128,7 +135,7 @@ def test_global_skip_reaches_every_block(stable):
 
 
 def test_pixel_torso_layout(stable):
-    """Atari: LayerNorm over (C, H, W) after each convolution, the torso in place of fc1 (3136 -> H, one block,
+    """Atari: LayerNorm over (C, H, W) after each convolution, the torso in place of fc1 (3136 -> H [LN], one block,
     H -> 512, LN, ReLU), ppo.py's heads kept (the same modules)."""
     args = resolved(stable, "Breakout-v5", mlp_width=32)
     torch.manual_seed(0)
@@ -137,9 +144,12 @@ def test_pixel_torso_layout(stable):
     stable.stable_networks(agent, (4, 84, 84), args)
     names = [name for name, _ in agent.trunk.named_children()]
     assert names == ["conv1", "conv1_norm", "act1", "conv2", "conv2_norm", "act2", "conv3", "conv3_norm", "act3",
-                     "flatten", "fc1", "fc1_norm", "blocks", "fc2", "fc2_norm", "fc2_act"]
+                     "flatten", "torso", "fc2", "fc2_norm", "fc2_act"]
     assert [tuple(agent.trunk[i].normalized_shape) for i in (1, 4, 7)] == [(32, 20, 20), (64, 9, 9), (64, 7, 7)]
-    assert (agent.trunk.fc1.in_features, agent.trunk.fc1.out_features, len(agent.trunk.blocks)) == (3136, 32, 1)
+    torso = agent.trunk.torso
+    assert (torso.fc_in.in_features, torso.fc_in.out_features, len(torso.blocks)) == (3136, 32, 1)
+    assert torso.global_skip
+    assert isinstance(torso.norm_in, nn.LayerNorm)
     assert (agent.trunk.fc2.in_features, agent.trunk.fc2.out_features) == (32, 512)
     assert (agent.actor.out, agent.critic.out) == heads
     logits, value, hidden = agent(torch.zeros(3, 4, 84, 84, dtype=torch.uint8), return_hidden=True)
@@ -147,16 +157,16 @@ def test_pixel_torso_layout(stable):
 
 
 def test_vector_torso_layout_and_plain_at_ppo_sizes_is_ppo_network(stable, ppo):
-    """Vectors: each MLP becomes fc1 (in -> H) [LN], the blocks, fc2 (H -> 64) [LN], act, ppo.py's out; the tanh of
+    """Vectors: each MLP becomes the torso (in -> H [LN], the blocks), fc2 (H -> 64) [LN], act, ppo.py's out; the tanh of
     classic control is kept. A plain torso of depth 2 and width 64 without LN has ppo.py's parameters, name for name,
     and with ppo.py's weights computes ppo.py's outputs."""
     args = resolved(stable, mlp_depth=3, mlp_width=16)
     agent = stable.Agent((4,), 2, False)
     stable.stable_networks(agent, (4,), args)
     for side in (agent.actor, agent.critic):
-        assert [n for n, _ in side.named_children()] == ["fc1", "fc1_norm", "blocks", "fc2", "fc2_norm", "fc2_act",
-                                                         "out"]
-        assert isinstance(side.fc2_act, nn.Tanh) and len(side.blocks) == 3 and side.fc2.out_features == 64
+        assert [n for n, _ in side.named_children()] == ["torso", "fc2", "fc2_norm", "fc2_act", "out"]
+        assert isinstance(side.fc2_act, nn.Tanh) and len(side.torso.blocks) == 3 and side.fc2.out_features == 64
+        assert isinstance(side.torso.blocks[0].act_a, nn.Tanh) and side.torso.fc_in.out_features == 16
     plain = resolved(stable, **OFF)
     assert stable.stable_settings(vars(plain), pixel=False) is None  # stable_networks leaves ppo.py's agent as built
     torch.manual_seed(1)
@@ -289,7 +299,7 @@ def test_recipe_runs_deterministically_and_its_checkpoint_evaluates(stable, tmp_
         "multiskip", 2, 64, "kron")
     assert config["learning_rate"] == pytest.approx(2.5e-4 / 3)
     scalars = read_scalars(first)
-    assert {"gradients/global", "gradients/actor.blocks.1.fc_b", "gradients/critic.fc2_norm"} <= scalars.keys()
+    assert {"gradients/global", "gradients/actor.torso.blocks.1.fc_b", "gradients/critic.fc2_norm"} <= scalars.keys()
     model = os.path.join(first, "model.pt")
     code, lines = call_main(stable, ["--env-id", "CartPole-v1", "--eval-checkpoint", model, "--eval-episodes", "1",
                                      "--output-dir", str(tmp_path), "--run-name", "eval"], capsys)
@@ -305,12 +315,12 @@ def test_minatar_and_atari_smoke(stable, tmp_path):
     run = run_in_process(stable, tmp_path, "minatar", "MinAtar/Breakout", dict(MINATAR, update_epochs=1,
                                                                                 kron_compile=False))
     assert read_json(os.path.join(run, "summary.json"))["status"] == "completed"
-    assert "gradients/actor.blocks.0.fc_a" in read_scalars(run)
+    assert "gradients/actor.torso.blocks.0.fc_a" in read_scalars(run)
     run = run_in_process(stable, tmp_path, "atari", "Breakout-v5", dict(
         total_timesteps=128, num_envs=2, num_steps=32, update_epochs=1, num_minibatches=2, max_episode_steps=60,
         eval_episodes=1, metrics_every=2, metrics_batch_size=32, mlp_width=64, optimizer="adam"))
     assert read_json(os.path.join(run, "summary.json"))["status"] == "completed"
-    assert {"gradients/trunk.conv1_norm", "gradients/trunk.blocks.0.fc_a", "plasticity/dormant_tau0/fc2"} <= \
+    assert {"gradients/trunk.conv1_norm", "gradients/trunk.torso.blocks.0.fc_a", "plasticity/dormant_tau0/fc2"} <= \
         read_scalars(run).keys()
 
 
