@@ -706,13 +706,13 @@ class StableResidual(nn.Module):
         return f"global_skip={self.global_skip}"
 
 
-def stable_torso(in_dim: int, out_dim: int, args: Args, act) -> list:
-    """The torso's layers as (name, module) for an nn.Sequential, ending with the activation the linear heads read
-    (the official heads are act -> Linear) (detail 1). plain: `mlp_depth` Linears in_dim -> H -> ... -> out_dim, each
-    followed by [LN] and act (named fc1, fc2, ...: at ppo.py's sizes the parameters are ppo.py's, name for name);
-    residual / multiskip: the StableResidual `torso` (fc_in: in_dim -> H, [LN], the blocks), fc2 (H -> out_dim), [LN],
-    act. Every Linear gets ppo.py's (and the official code's) init: orthogonal with gain sqrt(2), bias 0; LayerNorms
-    PyTorch's (1, 0)."""
+def stable_torso(in_dim: int, out_dim: int, args: Args, act, last: tuple) -> list:
+    """The torso's layers as (name, module) for an nn.Sequential, ending with `last` = (name, module), ppo.py's own
+    activation module that the linear heads read (the official heads are act -> Linear): the same object, so a hook
+    another method put on it keeps firing (detail 1). plain: `mlp_depth` Linears in_dim -> H -> ... -> out_dim, each
+    followed by [LN] and act (fc1, fc2, ...: at ppo.py's sizes the parameters are ppo.py's, name for name); residual /
+    multiskip: the StableResidual `torso` (fc_in: in_dim -> H, [LN], the blocks), fc2 (H -> out_dim), [LN], act. Every
+    Linear gets ppo.py's (and the official code's) init: orthogonal with gain sqrt(2), bias 0; LayerNorms PyTorch's."""
     depth, width, norm = args.mlp_depth, args.mlp_width, args.layer_norm
     if args.mlp_type == "plain":
         sizes = [in_dim] + [width] * (depth - 1) + [out_dim]
@@ -720,11 +720,11 @@ def stable_torso(in_dim: int, out_dim: int, args: Args, act) -> list:
         for i in range(depth):
             layers.append((f"fc{i + 1}", layer_init(nn.Linear(sizes[i], sizes[i + 1]))))
             layers += [(f"fc{i + 1}_norm", nn.LayerNorm(sizes[i + 1]))] if norm else []
-            layers.append((f"fc{i + 1}_act", act()))
+            layers.append(last if i == depth - 1 else (f"fc{i + 1}_act", act()))
         return layers
     layers = [("torso", StableResidual(in_dim, width, depth, norm, act, global_skip=args.mlp_type == "multiskip"))]
     layers.append(("fc2", layer_init(nn.Linear(width, out_dim))))
-    return layers + ([("fc2_norm", nn.LayerNorm(out_dim))] if norm else []) + [("fc2_act", act())]
+    return layers + ([("fc2_norm", nn.LayerNorm(out_dim))] if norm else []) + [last]
 
 
 def stable_settings(settings: dict, pixel: bool) -> Optional[tuple]:
@@ -750,7 +750,7 @@ def stable_networks(agent, obs_shape: tuple, args: Args):
         return
     device = next(agent.parameters()).device
     children = OrderedDict(agent.trunk.named_children())
-    if agent.pixel and isinstance(children.get("fc1"), nn.Linear) and "flatten" in children:
+    if agent.pixel and isinstance(children.get("fc1"), nn.Linear) and {"flatten", "act4"} <= children.keys():
         layers, x = [], torch.zeros(1, *obs_shape, device=device)
         for name, module in children.items():
             if name == "flatten":
@@ -759,7 +759,8 @@ def stable_networks(agent, obs_shape: tuple, args: Args):
             layers.append((name, module))
             if isinstance(module, nn.Conv2d) and args.layer_norm:  # the official AtariCNN's use_ln (detail 3)
                 layers.append((name + "_norm", nn.LayerNorm(tuple(x.shape[1:])).to(device)))
-        torso = stable_torso(children["fc1"].in_features, children["fc1"].out_features, args, nn.ReLU)
+        torso = stable_torso(children["fc1"].in_features, children["fc1"].out_features, args, nn.ReLU,
+                             ("act4", children["act4"]))
         agent.trunk = nn.Sequential(OrderedDict(layers + [("flatten", children["flatten"])] + torso)).to(device)
         print("ppo_stable: the torso replaces the trunk's fc1")
         return
@@ -772,7 +773,7 @@ def stable_networks(agent, obs_shape: tuple, args: Args):
         if names != ["fc1", "act1", "fc2", "act2", "out"] or tuple(seq.fc2.weight.shape) != (64, 64):
             print(f"ppo_stable: agent.{side} is not ppo.py's MLP (another method's network): left as it is")
             continue
-        torso = stable_torso(seq.fc1.in_features, seq.out.in_features, args, type(seq.act1))
+        torso = stable_torso(seq.fc1.in_features, seq.out.in_features, args, type(seq.act1), ("act2", seq.act2))
         setattr(agent, side, nn.Sequential(OrderedDict(torso + [("out", seq.out)])).to(device))
         print(f"ppo_stable: the torso replaces agent.{side}'s hidden layers")
 

@@ -140,18 +140,18 @@ def test_pixel_torso_layout(stable):
     args = resolved(stable, "Breakout-v5", mlp_width=32)
     torch.manual_seed(0)
     agent = stable.Agent((4, 84, 84), 4, False)
-    heads = agent.actor.out, agent.critic.out
+    heads, act4 = (agent.actor.out, agent.critic.out), agent.trunk.act4
     stable.stable_networks(agent, (4, 84, 84), args)
     names = [name for name, _ in agent.trunk.named_children()]
     assert names == ["conv1", "conv1_norm", "act1", "conv2", "conv2_norm", "act2", "conv3", "conv3_norm", "act3",
-                     "flatten", "torso", "fc2", "fc2_norm", "fc2_act"]
+                     "flatten", "torso", "fc2", "fc2_norm", "act4"]
     assert [tuple(agent.trunk[i].normalized_shape) for i in (1, 4, 7)] == [(32, 20, 20), (64, 9, 9), (64, 7, 7)]
     torso = agent.trunk.torso
     assert (torso.fc_in.in_features, torso.fc_in.out_features, len(torso.blocks)) == (3136, 32, 1)
     assert torso.global_skip
     assert isinstance(torso.norm_in, nn.LayerNorm)
     assert (agent.trunk.fc2.in_features, agent.trunk.fc2.out_features) == (32, 512)
-    assert (agent.actor.out, agent.critic.out) == heads
+    assert (agent.actor.out, agent.critic.out) == heads and agent.trunk.act4 is act4  # ppo.py's modules
     logits, value, hidden = agent(torch.zeros(3, 4, 84, 84, dtype=torch.uint8), return_hidden=True)
     assert logits.shape == (3, 4) and value.shape == (3,) and [h[0] for h in hidden][-1] == "fc2"
 
@@ -162,10 +162,12 @@ def test_vector_torso_layout_and_plain_at_ppo_sizes_is_ppo_network(stable, ppo):
     and with ppo.py's weights computes ppo.py's outputs."""
     args = resolved(stable, mlp_depth=3, mlp_width=16)
     agent = stable.Agent((4,), 2, False)
+    kept = [(seq.act2, seq.out) for seq in (agent.actor, agent.critic)]
     stable.stable_networks(agent, (4,), args)
-    for side in (agent.actor, agent.critic):
-        assert [n for n, _ in side.named_children()] == ["torso", "fc2", "fc2_norm", "fc2_act", "out"]
-        assert isinstance(side.fc2_act, nn.Tanh) and len(side.torso.blocks) == 3 and side.fc2.out_features == 64
+    for side, (act2, out) in zip((agent.actor, agent.critic), kept):
+        assert [n for n, _ in side.named_children()] == ["torso", "fc2", "fc2_norm", "act2", "out"]
+        assert side.act2 is act2 and side.out is out
+        assert isinstance(side.act2, nn.Tanh) and len(side.torso.blocks) == 3 and side.fc2.out_features == 64
         assert isinstance(side.torso.blocks[0].act_a, nn.Tanh) and side.torso.fc_in.out_features == 16
     plain = resolved(stable, **OFF)
     assert stable.stable_settings(vars(plain), pixel=False) is None  # stable_networks leaves ppo.py's agent as built
@@ -173,7 +175,8 @@ def test_vector_torso_layout_and_plain_at_ppo_sizes_is_ppo_network(stable, ppo):
     reference = ppo.Agent((4,), 2, False)
     for side in ("actor", "critic"):
         seq = getattr(reference, side)
-        built = nn.Sequential(OrderedDict(stable.stable_torso(4, 64, plain, nn.Tanh) + [("out", seq.out)]))
+        built = nn.Sequential(OrderedDict(stable.stable_torso(4, 64, plain, nn.Tanh, ("act2", seq.act2)) +
+                                          [("out", seq.out)]))
         assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in seq.state_dict().items()}
         built.load_state_dict(seq.state_dict())
         x = torch.randn(5, 4)
