@@ -179,10 +179,10 @@ class Args:
 
     # --- Stable gradients (docs/ppo_stable.md, "Hyperparameters"; official code roger-creus/stable-deep-rl-at-scale) ---
     mlp_type: Literal["plain", "residual", "multiskip"] = "multiskip"
-    """the torso after the CNN (pixels) or of each of the policy and value MLPs (vectors): plain (Linear, [LN], act
-    layers: ppo.py's kind), residual (x <- x + F(x)) or multiskip (x <- x + F(x) + g, g the torso's first Linear
-    output handed to every block: the paper's recipe) [official code: --mlp_type default / residual /
-    multiskip_residual]"""
+    """the torso after the CNN (pixels) or of each of the policy and value MLPs (vectors: an adaptation, the official
+    PPO has only the pixel agent): plain (Linear, [LN], act layers: ppo.py's kind), residual (x <- x + F(x)) or
+    multiskip (x <- x + F(x) + g, g the torso's first Linear output handed to every block: the paper's recipe)
+    [official code: --mlp_type default / residual / multiskip_residual]"""
     mlp_depth: Optional[int] = None
     """residual blocks (residual, multiskip) or Linear layers (plain) of the torso [default: pixels 1 (the paper's
     small depth for the residual types: 1 block; ppo.py's one fc1 for plain; the paper's plain MLPs have 4/8/12/22
