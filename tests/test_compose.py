@@ -64,8 +64,8 @@ PAIRS = [(base, a, b) for base, members in sorted(FAMILIES.items()) for a, b in 
 # test_dqn_gap.py, test_dqn_hlgauss.py, test_dqn_reset.py, test_dqn_softmoe.py, test_dqn_pruning.py, test_dqn_rigl.py,
 # test_dqn_mico.py, test_dqn_qdagger.py, test_dqn_cchain.py, test_ppo_gtr.py, test_ppo_simplicial.py,
 # test_ppo_cchain.py, test_ppo_regrama.py, test_ppo_sigreg.py, test_ppo_decoupled.py, test_ppo_vaco.py,
-# test_ppo_asyppo.py, test_ppo_kl.py, test_ppo_moe.py, test_sac_reset.py, test_sac_simplicial.py, test_sac_regrama.py,
-# test_sac_optimistic.py, test_sac_least.py; ReDo has no off switch but a recycle that never fires).
+# test_ppo_asyppo.py, test_ppo_kl.py, test_ppo_moe.py, test_ppo_stable.py, test_sac_reset.py, test_sac_simplicial.py,
+# test_sac_regrama.py, test_sac_optimistic.py, test_sac_least.py; ReDo has no off switch but a recycle that never fires).
 # A new intervention script needs an entry here.
 OFF = {
     "dqn_redo.py": dict(redo_period=10**9),
@@ -88,6 +88,7 @@ OFF = {
     "ppo_asyppo.py": dict(num_critics=1, critic_width=64, adv_mask_quantile=0.0, ent_filter_quantile=0.0),
     "ppo_kl.py": dict(kl_beta=0.0),  # the init reference: a frozen copy, never used (the kl/ logs only)
     "ppo_moe.py": dict(moe_type="none"),
+    "ppo_stable.py": dict(mlp_type="plain", layer_norm=False, optimizer="adam"),  # depth and width: ppo.py's
     "sac_simplicial.py": dict(sem_placement="none"),
     "sac_reset.py": dict(reset_every=0),
     "sac_regrama.py": dict(regrama_tau=-1.0),
