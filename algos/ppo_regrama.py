@@ -894,7 +894,7 @@ def regrama_recycle(agent, optimizer, scores: dict[str, torch.Tensor], tau: floa
                 reset.append((reader.weight, (slice(None), columns)))
     for param, index in reset:  # Adam: zero both moments of the reset entries (detail 4)
         state = optimizer.state.get(param)
-        if state:
+        if state and "exp_avg" in state:  # an optimizer without Adam's moments (Kron) keeps its state
             state["exp_avg"][index] = 0.0
             state["exp_avg_sq"][index] = 0.0
     return {name: (int(mask.sum()), mask.numel()) for name, mask in masks.items()}

@@ -168,6 +168,26 @@ def test_a_layer_no_gradient_reaches_is_not_scored(regrama):
     assert recycled["critic.fc1"] == (0, 64) and recycled["critic.fc2"] == (0, 64)
 
 
+def test_recycle_keeps_the_state_of_an_optimizer_without_adam_moments(regrama):
+    """Adam's moments of a recycled entry are zeroed (detail 4); an optimizer whose state has no `exp_avg` (Kron, as
+    in a composition with ppo_stable.py; SGD's momentum here) is left as it is, and the weights are still recycled."""
+    agent = make_agent(regrama, "tanh")
+    optimizer = torch.optim.SGD(agent.parameters(), lr=0.1, momentum=0.9)
+    agent(make_batch(regrama, agent)[0])[1].sum().backward()
+    optimizer.step()
+    momentum = {name: optimizer.state[p]["momentum_buffer"].clone() for name, p in agent.named_parameters()
+                if p in optimizer.state}
+    before = agent.actor.fc1.weight.detach().clone()
+    scores = {name: torch.ones(64) for name in ("actor.fc1", "actor.fc2", "critic.fc1", "critic.fc2")}
+    scores["actor.fc1"][[0, 7]] = 0.0
+    recycled = regrama.regrama_recycle(agent, optimizer, scores, 0.5)
+    assert recycled["actor.fc1"] == (2, 64)
+    assert not torch.equal(agent.actor.fc1.weight[[0, 7]], before[[0, 7]])
+    for name, p in agent.named_parameters():
+        if name in momentum:
+            assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum[name]), name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The recycle
 # ---------------------------------------------------------------------------------------------------------------
