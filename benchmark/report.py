@@ -36,11 +36,22 @@ training curve, hence no AUC.
 (benchmark/reference/, with provenance) as arms `published:<AGENT>`, only when the protocol matches: every task is
 an Atari 100k game, and every used run's config.json says 100k agent steps and no sticky actions. Otherwise the
 report says why they were left out.
+
+`--sweep FIELD` (e.g. batch_size; `FIELD,FIELD` for a grid such as num_envs,num_steps) reads each run's value of
+that config.json field and adds "Sweep over FIELD": per value (sorted numerically) the IQM [95% CI] of the final
+score per task and pooled (when normalised), each `--keys` key's last logged value (mean [min, max] over runs), and
+the figure sweep_FIELD (log2 x axis when every value is a power of 2). Arms that share a value must agree on every
+other field that matters (SWEEP_IGNORED lists those that may differ); otherwise a one-line error.
+
+`--thc FIELD` adds the THC score (utils/thc.py; Obando-Ceron et al. 2024) of that field over the group's tasks: how
+much the ranking of its values changes from task to task, with each value's spread and per-task ranks. Needs at
+least 2 tasks and 2 values (otherwise a one-line error).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import time
@@ -53,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import aggregate, scores  # noqa: E402
 from utils.runs import (collect, episode_curve, read_flags, read_json, read_scalars, steps_to_reach,  # noqa: E402
                         window_means)
+from utils.thc import thc_score  # noqa: E402
 
 # The DQN and PPO families log one network's diagnostics; the SAC family logs them per network (docs/sac.md):
 # a figure shows the keys its runs have.
@@ -566,9 +578,230 @@ def auc_lines(curves: dict, matrices: dict, tasks: list[str], compare: list[str]
     return lines
 
 
+# Config fields that name a run, place it or set how fast it runs, not what it computes: they may differ between
+# arms that share a swept value (--sweep, --thc). Every other field of config.json's args matters, and so does the
+# script (config.json's command[0]).
+SWEEP_IGNORED = ("seed", "run_name", "output_dir", "exp_name", "env_id", "env_ids", "device", "torch_threads",
+                 "env_threads", "log_every", "save_model", "eval_checkpoint")
+
+
+def parse_fields(text: str, option: str) -> tuple[str, ...]:
+    """`batch_size` or `num_envs,num_steps` (--sweep, --thc) -> the config.json field names."""
+    fields = tuple(f.strip() for f in text.split(","))
+    if not all(fields) or len(set(fields)) != len(fields):
+        raise SystemExit(f"error: {option} {text}: expected FIELD or FIELD,FIELD (config.json field names)")
+    return fields
+
+
+def sort_key(value):
+    """Numbers in numeric order, then anything else by its text; a tuple (several fields) element by element."""
+    if isinstance(value, tuple):
+        return tuple(sort_key(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value))
+
+
+def show_value(value) -> str:
+    return "(" + ", ".join(map(show_value, value)) + ")" if isinstance(value, tuple) else str(value)
+
+
+def frozen(value):
+    """A config value as a dict key (lists become tuples)."""
+    return tuple(frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def sweep_values(used: dict, fields: tuple[str, ...], option: str) -> tuple[dict, list[str]]:
+    """{arm: its value of `fields` (a tuple when several)}, read from each used run's config.json, and the other
+    fields whose values differ between values of the sweep (set by the arms' flags or derived from the swept
+    fields by resolve_args, e.g. PPO's batch_size from num_envs). A one-line SystemExit when a run has no readable
+    config.json or lacks a field, when an arm's runs disagree on the value, or when two arms that share a value
+    differ on a task in a field that matters (any but SWEEP_IGNORED): the sweep would then mix two settings."""
+    name = ",".join(fields)
+    value_of, setting = {}, {}  # arm -> value; (arm, task) -> {field: value} of the fields that matter
+    for arm, rows in used.items():
+        for r in rows:
+            try:
+                config = read_json(os.path.join(r["dir"], "config.json"))
+                args = dict(config["args"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise SystemExit(f"error: {option} {name}: {r['run']} has no readable config.json with its args") \
+                    from None
+            missing = [f for f in fields if f not in args]
+            if missing:
+                close = difflib.get_close_matches(missing[0], list(args), n=3)
+                raise SystemExit(f"error: {option} {name}: no field {missing[0]} in {r['run']}/config.json"
+                                 + (f" (close: {', '.join(close)})" if close else ""))
+            value = tuple(frozen(args[f]) for f in fields)
+            value = value[0] if len(fields) == 1 else value
+            if value_of.setdefault(arm, value) != value:
+                raise SystemExit(f"error: {option} {name}: the runs of arm {arm} have different values "
+                                 f"({show_value(value_of[arm])}, {show_value(value)})")
+            args["script"] = os.path.basename(str((config.get("command") or [""])[0]))
+            setting.setdefault((arm, r["env_id"]), {k: frozen(v) for k, v in args.items()
+                                                    if k not in SWEEP_IGNORED and k not in fields})
+    differing = set()
+    for (arm, task), s in setting.items():
+        for (other, task2), s2 in setting.items():
+            if task2 != task or other <= arm:
+                continue
+            diff = sorted(k for k in set(s) | set(s2) if s.get(k, "—") != s2.get(k, "—"))
+            if diff and value_of[arm] == value_of[other]:
+                shown = ", ".join(f"{k} ({s.get(k, '—')} vs {s2.get(k, '—')})" for k in diff[:3])
+                raise SystemExit(f"error: {option} {name}: arms {arm} and {other} share {name} = "
+                                 f"{show_value(value_of[arm])} but differ on {task} in {shown}"
+                                 + (" ..." if len(diff) > 3 else ""))
+            differing.update(diff)
+    return value_of, sorted(differing)
+
+
+def value_matrices(matrices: dict, value_of: dict) -> tuple[dict, dict]:
+    """{value: (runs, tasks) scores of every arm with that value, stacked}, {value: [arms]}, values sorted."""
+    arms_of = defaultdict(list)
+    for arm in matrices:
+        if arm in value_of:
+            arms_of[value_of[arm]].append(arm)
+    order = sorted(arms_of, key=sort_key)
+    return ({v: np.concatenate([matrices[a] for a in arms_of[v]]) for v in order}, {v: arms_of[v] for v in order})
+
+
+def last_values(used: dict, keys: list[str]) -> dict[str, dict[tuple[str, str], list[float]]]:
+    """{key: {(task, arm): [each run's last logged value of the key (highest step), for the runs that logged it]}}."""
+    out = {key: defaultdict(list) for key in keys}
+    for arm, rows in used.items():
+        for r in rows:
+            scalars = read_scalars(r["dir"])
+            for key in keys:
+                if scalars.get(key):
+                    out[key][(r["env_id"], arm)].append(max(scalars[key], key=lambda e: e.step).value)
+    return out
+
+
+def powers_of_two(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and float(np.log2(v)).is_integer()
+               for v in values)
+
+
+def sweep_lines(fields, by_value, arms_of, differing, tasks, pooled, keys, used, value_of, label, reps, seed, h):
+    """The "Sweep over FLAG" section: per value of the swept field(s), its arms and runs, and the IQM [95% CI] of
+    the final score per task (and pooled over tasks when the scores are normalised); then per --keys key, the mean
+    over runs [min, max] of each run's last logged value, per value and task. Returns (lines, {value: {task or
+    "pooled": (IQM, low, high)}}, {key: {value: {task: (mean, min, max)}}}) for the figure."""
+    name = ",".join(fields)
+    iqm = {v: {} for v in by_value}
+    for t, column, agg in per_task_columns(by_value, tasks, reps, seed):
+        for v in by_value:
+            iqm[v][t] = agg[v]["IQM"]
+    if pooled:
+        agg = aggregate.aggregate(by_value, reps=reps, seed=seed)
+        for v in by_value:
+            iqm[v]["pooled"] = agg[v]["IQM"]
+    lines = [f"{h} Sweep over {name}", "",
+             f"The arms differ in {name} (config.json). Per value: its arms, runs per task, and the IQM of the final "
+             f"{label} over runs with a 95% stratified-bootstrap interval, per task"
+             + (" and pooled over tasks" if pooled else "") + "."
+             + (f" Other fields that differ between values (set by the arms or derived from {name}): "
+                f"{', '.join(differing)}." if differing else " No other field differs between values."), "",
+             f"| {name} | arms | runs per task | " + " | ".join(tasks)
+             + (" | all tasks (pooled) |" if pooled else " |"),
+             "|---" * (3 + len(tasks) + pooled) + "|"]
+    for v, x in by_value.items():
+        lines.append(f"| {show_value(v)} | {', '.join(arms_of[v])} | {x.shape[0]} | "
+                     + " | ".join(fmt(iqm[v][t]) for t in tasks)
+                     + (f" | {fmt(iqm[v]['pooled'])} |" if pooled else " |"))
+    finals = {}
+    if keys:
+        final = last_values({a: rows for a, rows in used.items() if a in value_of}, list(keys))
+        lines += ["", f"Logged keys against {name}: each run's last logged value (highest step); per cell the mean "
+                  "over runs [min, max over runs] and the runs that logged the key out of the runs used.", ""]
+        for key in keys:
+            finals[key] = {v: {} for v in by_value}
+            if not final[key]:
+                lines += [f"{key}: logged by no run.", ""]
+                continue
+            lines += [f"`{key}`:", "", f"| {name} | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+            for v in by_value:
+                cells = []
+                for t in tasks:
+                    x = np.array([y for a in arms_of[v] for y in final[key].get((t, a), [])])
+                    n = sum(1 for a in arms_of[v] for r in used[a] if r["env_id"] == t)
+                    if len(x):
+                        finals[key][v][t] = (x.mean(), x.min(), x.max())
+                    cells.append((f"{fmt((x.mean(), x.min(), x.max()))} " if len(x) else "— ")
+                                 + f"({len(x)}/{n} runs)")
+                lines.append(f"| {show_value(v)} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines = lines[:-1]
+    return lines, iqm, finals
+
+
+def sweep_figure(out, fields, iqm, finals, tasks, pooled, label, prefix) -> list[str]:
+    """sweep_FLAG (FLAG's commas as "-"): one column per task (the pooled IQM first when pooled); first row the IQM
+    of the final score with its 95% interval against the value, then one row per logged key with its runs' last
+    values (mean, min-max bar). A log2 x axis when every value is a power of 2, else the values in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(iqm)
+    columns = (["pooled"] if pooled else []) + list(tasks)
+    rows = [("IQM " + label, {v: {c: iqm[v][c] for c in columns} for v in values})]
+    rows += [(key, per_value) for key, per_value in finals.items() if any(per_value.values())]
+    log2 = powers_of_two(values)
+    xs = values if log2 else list(range(len(values)))
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(4 * len(columns), 3 * len(rows)), squeeze=False)
+    for row, (ylabel, per_value) in zip(axes, rows):
+        for ax, c in zip(row, columns):
+            points = [(x, per_value[v][c]) for x, v in zip(xs, values) if c in per_value[v]]
+            if not points and c == "pooled":  # logged keys are per task
+                ax.set_visible(False)
+                continue
+            if points:
+                x, y = zip(*points)
+                y = np.array(y, dtype=float)
+                ax.errorbar(x, y[:, 0], yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], marker="o", capsize=3)
+            if log2:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [show_value(v) for v in values])
+            ax.minorticks_off()
+            ax.set_title("all tasks (pooled)" if c == "pooled" else c, fontsize="medium")
+            ax.set_xlabel(",".join(fields))
+        next(ax for ax in row if ax.get_visible()).set_ylabel(ylabel)
+    fig.suptitle("IQM with 95% interval (first row); logged keys: mean and min-max over runs of the last value",
+                 fontsize="medium")
+    fig.tight_layout()
+    paths = save(fig, out, prefix + "sweep_" + "-".join(fields))
+    plt.close(fig)
+    return paths
+
+
+def thc_lines(fields, by_value, tasks, label, h) -> list[str]:
+    """The "Hyper-parameter consistency" section: utils/thc.py's THC score over the group's tasks for the values
+    of the field(s), with each value's spread and its rank and interval (mean +- std over runs) per task."""
+    name = ",".join(fields)
+    result = thc_score(by_value)
+    k = len(by_value)
+    lines = [f"{h} Hyper-parameter consistency (THC) of {name}", "",
+             f"THC = {result.mean:.3f} ± {result.std:.3f} over {k} values and {len(tasks)} tasks (Obando-Ceron et al. "
+             "2024; utils/thc.py, the official get_thc_metric). Per task the values are ranked by their interval "
+             f"mean ± std of the final {label} over runs (ddof 0), overlapping intervals tied at the midpoint of "
+             "their positions, 1 = best; a value's spread is the range of its rank over tasks divided by "
+             f"k - 1 = {k - 1}; THC is the mean spread over values (± their standard deviation, ddof 1). "
+             "0: every task ranks the values alike; 1: each value is best on some task and worst on another.", "",
+             f"| {name} | spread | " + " | ".join(f"rank on {t} (interval)" for t in tasks) + " |",
+             "|---" * (len(tasks) + 2) + "|"]
+    for v in by_value:
+        lines.append(f"| {show_value(v)} | {result.spread[v]:.3f} | " + " | ".join(
+            f"{result.ranks[v][j]:g} ([{result.intervals[v][j, 0]:.3f}, {result.intervals[v][j, 1]:.3f}])"
+            for j in range(len(tasks))) + " |")
+    return lines
+
+
 def section(rows, out, compare, reps, seed, points, make_figures, published, prefix="", depth=2, reach=None,
-            reach_window=10, keys=(), auc=False):
-    """The report body for one task group: (markdown lines, excluded (row, reason) pairs, runs used)."""
+            reach_window=10, keys=(), auc=False, sweep=None, thc=None):
+    """The report body for one task group: (markdown lines, excluded (row, reason) pairs, runs used). `sweep` and
+    `thc`: config.json field names (sweep_lines, thc_lines), checked before anything is computed."""
     h = "#" * depth
     group = {r["arm"] for r in rows}
     usable_tasks = sorted({r["env_id"] for r in rows if r["excluded"] is None})
@@ -584,6 +817,12 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
     extra, published_notes = published_matrices(list(published), tasks, used) if normalise else (
         {}, ["Published arms left out: scores are not normalised."] if published else [])
     matrices.update(extra)
+    swept = {option: sweep_values(used, fields, option) for option, fields in (("--sweep", sweep), ("--thc", thc))
+             if fields}
+    if thc and (len(tasks) < 2 or len(set(swept["--thc"][0].values())) < 2):
+        raise SystemExit(f"error: --thc {','.join(thc)}: THC needs at least 2 tasks and 2 values of "
+                         f"{','.join(thc)} with usable runs; this group has {len(tasks)} task(s) and "
+                         f"{len(set(swept['--thc'][0].values()))} value(s)")
     lines = [f"Tasks: {', '.join(tasks) or 'none'}. Scores: final evaluation return (training return where a run "
              f"has no evaluation), {'normalised (utils/scores.py)' if normalise else 'raw returns (not every task has a normalisation reference)'}.", ""]
     if not matrices:
@@ -640,23 +879,38 @@ def section(rows, out, compare, reps, seed, points, make_figures, published, pre
     logged = key_curves(used, list(keys), points) if keys else None
     if logged:
         lines += [""] + key_lines(logged, list(used), tasks, h)
+    written = []
+    if sweep:
+        value_of, differing = swept["--sweep"]
+        by_value, arms_of = value_matrices(matrices, value_of)
+        sweep_text, iqm, finals = sweep_lines(sweep, by_value, arms_of, differing, tasks, normalise and len(tasks) > 1,
+                                              keys, used, value_of, label, reps, seed, h)
+        lines += [""] + sweep_text
+        if make_figures:
+            written += sweep_figure(out, sweep, iqm, finals, tasks, normalise and len(tasks) > 1, label, prefix)
+    if thc:
+        lines += [""] + thc_lines(thc, value_matrices(matrices, swept["--thc"][0])[0], tasks, label, h)
     if make_figures:
         written = figures(out, matrices, agg, curves, steps, plasticity_curves(used, points), poi, label, prefix,
                           metrics, per_task=task_curves(used, tasks, points) if per_task else None, keys=logged,
-                          tasks=tasks)
+                          tasks=tasks) + written
         lines += ["", f"{h} Figures", ""] + [f"- `{os.path.basename(p)}`" for p in written if p.endswith(".png")]
     return lines, excluded, sum(len(v) for v in used.values())
 
 
 def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps: int = 2000, seed: int = 0,
            points: int = 10, make_figures: bool = True, published: list[str] = (), reach: dict | None = None,
-           reach_window: int = 10, keys: list[str] | None = None, auc: bool = False) -> str:
+           reach_window: int = 10, keys: list[str] | None = None, auc: bool = False, sweep: tuple | None = None,
+           thc: tuple | None = None) -> str:
     """Write report.md (and figures) for a suite directory. Arms run on different task sets are reported in
     separate sections, one per task group (task_groups), each with its own aggregates, figures (file names
     prefixed g1_, g2_, ...) and comparisons; a comparison between arms of different groups is skipped with a note.
     `keys`: logged scalars reported per task (key_curves, key_lines, key_figure). `auc`: the area under each run's
-    training curve (auc_lines)."""
+    training curve (auc_lines). `sweep`, `thc`: config.json field names whose values the arms sweep (sweep_lines,
+    sweep_figure, thc_lines)."""
     t0 = time.time()
+    sweep = parse_fields(sweep, "--sweep") if isinstance(sweep, str) else sweep
+    thc = parse_fields(thc, "--thc") if isinstance(thc, str) else thc
     out = out or suite_dir
     os.makedirs(out, exist_ok=True)
     rows = collect(os.path.join(suite_dir, "runs"))
@@ -676,7 +930,8 @@ def report(suite_dir: str, out: str | None = None, compare: list[str] = (), reps
             body += [f"## Group {k + 1}: {', '.join(arms)}", ""]
         lines, ex, n = section(group_rows, out, compare, reps, seed, points, make_figures, published,
                                prefix=f"g{k + 1}_" if len(groups) > 1 else "", depth=3 if len(groups) > 1 else 2,
-                               reach=reach, reach_window=reach_window, keys=keys or (), auc=auc)
+                               reach=reach, reach_window=reach_window, keys=keys or (), auc=auc, sweep=sweep,
+                               thc=thc)
         body += lines + [""]
         excluded += ex
         n_used += n
@@ -730,13 +985,21 @@ def main():
                         help="add the area under each run's training curve (mean return over its budget, --points "
                              "windows) per arm and task, with probability of improvement and relative change for "
                              "the --compare pairs")
+    parser.add_argument("--sweep", metavar="FIELD[,FIELD]",
+                        help="the config.json field(s) whose value the arms sweep (e.g. batch_size, or "
+                             "num_envs,num_steps): IQM of the final score and the --keys' last values against it")
+    parser.add_argument("--thc", metavar="FIELD[,FIELD]",
+                        help="the THC score (hyper-parameter consistency across tasks) of the config.json field(s) "
+                             "the arms sweep; needs >= 2 tasks and >= 2 values")
     args = parser.parse_args()
     check_suite_dir(args.suite_dir)
     if args.reach_window < 1:
         raise SystemExit("error: --reach-window must be >= 1")
+    sweep = parse_fields(args.sweep, "--sweep") if args.sweep else None
+    thc = parse_fields(args.thc, "--thc") if args.thc else None
     print(report(args.suite_dir, args.out, args.compare, args.reps, args.seed, args.points,
                  published=args.published, reach=parse_reach(args.reach), reach_window=args.reach_window,
-                 keys=args.keys, auc=args.auc))
+                 keys=args.keys, auc=args.auc, sweep=sweep, thc=thc))
 
 
 if __name__ == "__main__":
