@@ -779,14 +779,15 @@ def feature_rank(features: torch.Tensor, energy: float = 0.99) -> int:
 
 
 def kurtosis(x: torch.Tensor) -> float:
-    """Pearson's kurtosis of the entries of x, E[(x - mean)^4] / Var^2 (3 for a Gaussian, not the excess; detail 18)."""
+    """Pearson's kurtosis of the entries of x, E[(x - mean)^4] / Var^2: 3 for a Gaussian, not the excess
+    (docs/ppo.md, detail 18)."""
     x = x.detach().double().flatten()
     return (((x - x.mean()) ** 4).mean() / x.var(correction=0) ** 2).item()
 
 
 def effective_sample_size(weights: torch.Tensor) -> float:
     """Kish's effective sample size of importance weights over their count, (sum w)^2 / (n sum w^2): 1 when all are
-    equal, 1/n when one carries all the weight (detail 18)."""
+    equal, 1/n when one carries all the weight (docs/ppo.md, detail 18)."""
     w = weights.detach().double()
     return (w.sum() ** 2 / (len(w) * (w**2).sum())).item()
 
@@ -816,7 +817,7 @@ def plasticity_metrics(agent, batch, args: Args, taus=(0.0, 0.1)) -> dict[str, f
         metrics[f"plasticity/{key}"] = count / units
     for suffix, features in penultimate.items():  # policy features (the shared trunk for pixels), then the critic's
         metrics[f"plasticity/srank{suffix}"] = srank(features)
-        metrics[f"plasticity/feature_rank{suffix}"] = feature_rank(features)  # the parallel-data study (detail 18)
+        metrics[f"plasticity/feature_rank{suffix}"] = feature_rank(features)  # docs/ppo.md, detail 18
         metrics[f"plasticity/feature_norm{suffix}"] = features.norm(dim=1).mean().item()
     metrics["plasticity/param_norm"] = torch.sqrt(sum((p.detach() ** 2).sum() for p in params)).item()
     metrics["plasticity/grad_norm"] = torch.sqrt(sum((g**2).sum() for g in param_grads)).item()
