@@ -705,7 +705,7 @@ def ppo_loss(agent, obs, actions, old_logprobs, advantages, returns, old_values,
     with torch.no_grad():  # debug variables; approx_kl is the (ratio - 1) - log ratio estimator (detail 11)
         stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach(),
                      old_approx_kl=(-logratio).mean(), approx_kl=((ratio - 1) - logratio).mean(),
-                     clipfrac=((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                     clipfrac=((ratio - 1.0).abs() > args.clip_coef).float().mean(), ratio=ratio.detach())
     return loss, stats, hidden
 
 
@@ -842,10 +842,31 @@ def srank(features: torch.Tensor, delta: float = 0.01) -> int:
     return int((cumulative < 1 - delta).sum().item()) + 1
 
 
+def feature_rank(features: torch.Tensor, energy: float = 0.99) -> int:
+    """The feature rank of the parallel-data study (Mayor et al. 2025): the fewest singular values whose squares hold
+    `energy` of the sum of squares (docs/ppo.md, detail 18); 0 for all-zero features."""
+    sq = torch.linalg.svdvals(features.float()).double() ** 2
+    return int((torch.cumsum(sq, 0) < energy * sq.sum()).sum().item()) + 1 if sq.sum() > 0 else 0
+
+
+def kurtosis(x: torch.Tensor) -> float:
+    """Pearson's kurtosis of the entries of x, E[(x - mean)^4] / Var^2: 3 for a Gaussian, not the excess
+    (docs/ppo.md, detail 18)."""
+    x = x.detach().double().flatten()
+    return (((x - x.mean()) ** 4).mean() / x.var(correction=0) ** 2).item()
+
+
+def effective_sample_size(weights: torch.Tensor) -> float:
+    """Kish's effective sample size of importance weights over their count, (sum w)^2 / (n sum w^2): 1 when all are
+    equal, 1/n when one carries all the weight (docs/ppo.md, detail 18)."""
+    w = weights.detach().double()
+    return (w.sum() ** 2 / (len(w) * (w**2).sum())).item()
+
+
 def plasticity_metrics(agent, batch, args: Args, taus=(0.0, 0.1)) -> dict[str, float]:
     """The plasticity/ diagnostics of docs/conventions.md on a sample of the current rollout with the PPO loss
     (docs/ppo.md, detail 12). Hidden layers: the CNN trunk (conv1-3, fc1), or actor.fc1-2 and critic.fc1-2."""
-    loss, _, hidden = ppo_loss(agent, *batch, args, return_hidden=True)
+    loss, stats, hidden = ppo_loss(agent, *batch, args, return_hidden=True)
     params = [p for p in agent.parameters()]
     grads = torch.autograd.grad(loss, [z for _, z, _ in hidden] + params, allow_unused=True)
     pre_grads = grads[: len(hidden)]
@@ -867,9 +888,12 @@ def plasticity_metrics(agent, batch, args: Args, taus=(0.0, 0.1)) -> dict[str, f
         metrics[f"plasticity/{key}"] = count / units
     for suffix, features in penultimate.items():  # policy features (the shared trunk for pixels), then the critic's
         metrics[f"plasticity/srank{suffix}"] = srank(features)
+        metrics[f"plasticity/feature_rank{suffix}"] = feature_rank(features)  # docs/ppo.md, detail 18
         metrics[f"plasticity/feature_norm{suffix}"] = features.norm(dim=1).mean().item()
     metrics["plasticity/param_norm"] = torch.sqrt(sum((p.detach() ** 2).sum() for p in params)).item()
     metrics["plasticity/grad_norm"] = torch.sqrt(sum((g**2).sum() for g in param_grads)).item()
+    metrics["plasticity/grad_kurtosis"] = kurtosis(torch.cat([g.flatten() for g in param_grads]))
+    metrics["plasticity/ess"] = effective_sample_size(stats["ratio"])  # ratios pi / pi_old on this sample
     return metrics
 
 
