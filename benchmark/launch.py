@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import ctypes
 import json
 import os
@@ -148,14 +149,47 @@ def check_runs(suite_path: str, runs: list[Run]):
     line before anything runs, not one failed run per seed. Scripts without the conventions' Args and resolve_args
     (a user's own script) are left to fail at run time. `--device cuda` is checked as cpu: the launching machine
     need not be the one with the GPU."""
-    import contextlib
+    with _cached_make_spec():
+        _check_runs(suite_path, runs)
+
+
+_SPECS: dict = {}  # (task id, make_spec options) -> EnvPool spec, kept for the process (tests check many suites)
+
+
+@contextlib.contextmanager
+def _cached_make_spec():
+    """While suites are checked, EnvPool's make_spec (about 0.25 s a call; the scripts' resolve_args ask for one
+    spec per task, some twice, and a 60-game suite names 60 tasks) answers each (task, options) once per process.
+    Specs are only read there."""
+    try:
+        import envpool
+    except ImportError:
+        yield
+        return
+    original = envpool.make_spec
+
+    def make_spec(task_id, **kwargs):
+        key = (task_id, tuple(sorted(kwargs.items())))
+        if key not in _SPECS:
+            _SPECS[key] = original(task_id, **kwargs)
+        return _SPECS[key]
+
+    envpool.make_spec = make_spec
+    try:
+        yield
+    finally:
+        envpool.make_spec = original
+
+
+def _check_runs(suite_path: str, runs: list[Run]):
+    import copy
     import io
 
     import tyro
 
     from utils.scripts import load_script
 
-    checked = set()
+    checked, parsed = set(), {}
     for run in runs:
         key = (run.script, run.env_id, tuple(run.flags), tuple(run.sequence))
         path = run.command("/unused")[1]
@@ -168,12 +202,19 @@ def check_runs(suite_path: str, runs: list[Run]):
             continue
         module = load_script(path)
         where = f"{suite_path}: arm {run.arm!r} ({os.path.basename(path)} on {run.env_id})"
-        captured = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
-                args = tyro.cli(module.Args, args=run.command("/unused")[2:])
-        except SystemExit:
-            raise SuiteError(f"{where}: {tyro_message(captured.getvalue())}") from None
+        # tyro parses each (script, flags, sequence) once (building its parser takes a while), and a
+        # str --env-id cannot fail to parse, so the other env ids of an arm reuse a copy with env_id replaced
+        parse_key = (path, tuple(run.flags), tuple(run.sequence))
+        if parse_key not in parsed:
+            captured = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
+                    parsed[parse_key] = tyro.cli(module.Args, args=run.command("/unused")[2:])
+            except SystemExit:
+                raise SuiteError(f"{where}: {tyro_message(captured.getvalue())}") from None
+        args = copy.deepcopy(parsed[parse_key])
+        if not run.sequence:
+            args.env_id = run.env_id
         if getattr(args, "device", None) == "cuda":
             args.device = "cpu"
         try:

@@ -190,6 +190,9 @@ BAD_SUITES = {
                                 'flags = ["--no-such-flag", "1"]\n', "--no-such-flag"),
     "a flag the script's checks refuse": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n'
                                           'flags = ["--batch-size", "0"]\n', "--batch-size"),
+    # the arm's flags are parsed once and reused for its other env ids: each env id is still checked on its own
+    "a bad second env id": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1", "Pendulum-v1"]\n',
+                            "Pendulum-v1"),
     "duplicate arm names": ('[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n' * 2, "twice"),
     "an empty seed list": ('seeds = []\n[[arms]]\nname = "a"\nscript = "dqn.py"\nenv_ids = ["CartPole-v1"]\n',
                            "seeds"),
