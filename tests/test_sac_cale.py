@@ -23,7 +23,7 @@ SCRIPT = script_path("sac_cale")
 STEPS = 400
 # 2 envs, the Nature encoder (the SAC encoder costs ~10x more per update on CPU), short games
 TINY = ["--env-id", "Breakout-v5", "--encoder", "nature", "--learning-starts", 200, "--buffer-size", 2000,
-        "--batch-size", 8, "--max-episode-steps", 120, "--device", "cpu", "--torch-threads", 1]
+        "--batch-size", 8, "--max-episode-steps", 60, "--device", "cpu", "--torch-threads", 1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_smoke_outputs(smoke_run):
     assert summary["num_updates"] == (STEPS - 200) // 4  # replay ratio 0.25, 2 envs, from step 202 on
     header, rows = read_csv(os.path.join(smoke_run, "episodes.csv"))
     assert header == ["global_step", "episodic_return", "episodic_length", "task"]
-    assert len(rows) >= 4 and all(1 <= int(r["episodic_length"]) <= 120 for r in rows)
+    assert len(rows) >= 4 and all(1 <= int(r["episodic_length"]) <= 60 for r in rows)
     assert summary["num_episodes"] == len(rows) and len(summary["eval_returns"]) == 2
 
 
@@ -92,7 +92,7 @@ def test_checkpoint_round_trip(smoke_run, sac_cale, tmp_path):
     network.load_state_dict(checkpoint["model"])
     returns = sac_cale.evaluate(network, "Breakout-v5", args, 2, args.epsilon_eval, args.seed, torch.device("cpu"))
     assert returns == read_json(os.path.join(smoke_run, "summary.json"))["eval_returns"]
-    proc = run_cale(tmp_path, "evaluated", "--env-id", "Breakout-v5", "--encoder", "nature", "--max-episode-steps", 120,
+    proc = run_cale(tmp_path, "evaluated", "--env-id", "Breakout-v5", "--encoder", "nature", "--max-episode-steps", 60,
                     "--eval-checkpoint", os.path.join(smoke_run, "model.pt"), "--eval-episodes", 2, "--seed", 3,
                     "--device", "cpu")
     assert proc.returncode == 0, describe(proc)
@@ -101,8 +101,8 @@ def test_checkpoint_round_trip(smoke_run, sac_cale, tmp_path):
 
 
 def test_seed_determinism(tmp_path):
-    assert_seed_determinism(run_cale, tmp_path, *TINY, "--total-timesteps", 300, "--learning-starts", 150,
-                            "--max-episode-steps", 60, "--eval-episodes", 0, "--metrics-every", 0)
+    assert_seed_determinism(run_cale, tmp_path, *TINY, "--total-timesteps", 600, "--learning-starts", 150,
+                            "--max-episode-steps", 40, "--eval-episodes", 0, "--metrics-every", 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
