@@ -944,8 +944,9 @@ def run(args: Args) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # global clipping (detail 10)
-                    if args.anneal_lr and args.anneal_steps:  # Dopamine's optax schedule (docs/ppo_cale.md, detail 9)
-                        optimizer.param_groups[0]["lr"] = anneal_lr_at(num_updates, args.anneal_steps, args.learning_rate)
+                    if args.anneal_lr and args.anneal_steps:  # Dopamine's schedule (docs/ppo_cale.md, detail 9)
+                        optimizer.param_groups[0]["lr"] = anneal_lr_at(num_updates, args.anneal_steps,
+                                                                       args.learning_rate)
                     optimizer.step()
                     num_updates += 1
                     clipfracs.append(loss_stats["clipfrac"].item())

@@ -40,10 +40,13 @@ FOREIGN_TASKS = {
     "sac": [("CartPole-v1", "continuous")],
     "ppo": [],  # discrete and continuous actions, vector and pixel observations: nothing to refuse by family
     "stream": [],  # stream_q.py refuses continuous actions, stream_ac.py pixels: tested in their own test files
+    "cale": [("CartPole-v1", "Atari"), ("MinAtar/Breakout", "Atari"), ("HalfCheetah-v4", "Atari")],  # Atari only
 }
 
 
 def family(name: str) -> str:
+    if name.removesuffix(".py").endswith("_cale"):  # the continuous-Atari bases (sac_cale.py, ppo_cale.py)
+        return "cale"
     return name.split("_")[0].removesuffix(".py")
 
 
