@@ -76,7 +76,7 @@ def test_entropy_is_the_base_normals(pc):
     assert pc.gaussian_entropy(log_std).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_sampled_actions_in_box_and_rollout_log_prob_is_the_losss(pc):
+def test_sampled_actions_in_box_and_rollout_log_prob_is_the_losses(pc):
     """Actions lie in the box; the rollout's log-prob (from the stored action, through atanh) is what the loss
     recomputes, so the first minibatch's ratio is 1; the stored action's u is recovered up to float32 rounding."""
     torch.manual_seed(0)
