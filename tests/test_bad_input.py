@@ -38,15 +38,16 @@ FOREIGN_TASKS = {
     "dqn": [("Pendulum-v1", "discrete")],
     "bbf": [("Pendulum-v1", "Atari"), ("CartPole-v1", "Atari")],
     "sac": [("CartPole-v1", "continuous")],
-    "sac_cale": [("CartPole-v1", "Atari"), ("HalfCheetah-v4", "Atari"), ("MinAtar/Breakout", "Atari")],
     "ppo": [],  # discrete and continuous actions, vector and pixel observations: nothing to refuse by family
     "stream": [],  # stream_q.py refuses continuous actions, stream_ac.py pixels: tested in their own test files
+    "cale": [("CartPole-v1", "Atari"), ("MinAtar/Breakout", "Atari"), ("HalfCheetah-v4", "Atari")],  # Atari only
 }
 
 
 def family(name: str) -> str:
-    name = name.removesuffix(".py")
-    return name if name.endswith("_cale") else name.split("_")[0]  # the CALE scripts are families of their own
+    if name.removesuffix(".py").endswith("_cale"):  # the continuous-Atari bases (sac_cale.py, ppo_cale.py)
+        return "cale"
+    return name.split("_")[0].removesuffix(".py")
 
 
 def flag(field: str) -> str:
