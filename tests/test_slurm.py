@@ -71,7 +71,9 @@ def test_slurm_array_job_through_fake_sbatch(tmp_path):
 
 
 def test_in_flight_runs_are_not_resubmitted_and_a_lost_node_is_retried(tmp_path):
-    suite = make_suite(tmp_path, [("slow", "ok", 3.0)], seeds=(1,))
+    # 6 s runs: the node must be lost while they still run, after two launcher calls (on a machine loaded by CI and a
+    # suite together, 3 s runs had finished by then once: no queue entry left to kill)
+    suite = make_suite(tmp_path, [("slow", "ok", 6.0)], seeds=(1,))
     out, state = str(tmp_path / "out"), tmp_path / "slurm"
     first = launcher(suite, out, state, "--executor", "slurm", "--max-attempts", "2")  # no --wait: returns at once
     assert first.returncode == 0 and "submitted 2 runs" in first.stdout, first.stdout + first.stderr
