@@ -149,23 +149,8 @@ def test_policy_loss_does_not_reach_the_convs(pc, encoder):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GAE (ppo.py's function; the same hand computation as tests/test_ppo_units.py)
+# GAE (ppo.py's function, checked by hand in tests/test_ppo_units.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def test_gae_hand_computed_truncation_and_termination(pc):
-    """One env: step 0 is truncated (its final observation's value is stored at the auto-reset step 1), step 2
-    terminates. A_0 = r_0 + gamma * V(final) - V_0; A_1 = 0 (auto-reset); A_2 = r_2 - V_2."""
-    rewards = np.array([[1.0], [0.0], [2.0]], dtype=np.float32)
-    values = np.array([[0.5], [5.0], [0.3]], dtype=np.float32)
-    terminated = np.array([[0], [0], [1]], dtype=np.float32)
-    done = np.array([[1], [0], [1]], dtype=np.float32)
-    valid = np.array([[True], [False], [True]])
-    advantages, _ = pc.compute_gae(rewards, values, np.array([7.0], np.float32), terminated, done, valid, 0.9, 0.95)
-    np.testing.assert_allclose(advantages[:, 0], [1 + 0.9 * 5.0 - 0.5, 0.0, 2.0 - 0.3], rtol=1e-6)
-    terminated[0] = 1  # the same step 0 as a termination ignores V(final)
-    advantages, _ = pc.compute_gae(rewards, values, np.array([7.0], np.float32), terminated, done, valid, 0.9, 0.95)
-    assert advantages[0, 0] == pytest.approx(1 - 0.5)
 
 
 def test_gae_is_ppos(pc):
@@ -179,6 +164,12 @@ def test_gae_is_ppos(pc):
     rollout = (rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32),
                rng.normal(size=3).astype(np.float32), terminated, done, valid, 0.99, 0.95)
     for ours, theirs in zip(pc.compute_gae(*rollout), ppo.compute_gae(*rollout)):
+        np.testing.assert_array_equal(ours, theirs)
+    # and on tests/test_ppo_units.py's hand-computed case (a truncation, an auto-reset step, a termination)
+    hand = (np.array([[1.0], [0.0], [2.0]], np.float32), np.array([[0.5], [5.0], [0.3]], np.float32),
+            np.array([7.0], np.float32), np.array([[0], [0], [1]], np.float32), np.array([[1], [0], [1]], np.float32),
+            np.array([[True], [False], [True]]), 0.9, 0.95)
+    for ours, theirs in zip(pc.compute_gae(*hand), ppo.compute_gae(*hand)):
         np.testing.assert_array_equal(ours, theirs)
 
 
