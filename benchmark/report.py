@@ -582,7 +582,7 @@ def auc_lines(curves: dict, matrices: dict, tasks: list[str], compare: list[str]
 # arms that share a swept value (--sweep, --thc). Every other field of config.json's args matters, and so does the
 # script (config.json's command[0]).
 SWEEP_IGNORED = ("seed", "run_name", "output_dir", "exp_name", "env_id", "env_ids", "device", "torch_threads",
-                 "env_threads", "log_every", "save_model", "eval_checkpoint")
+                 "xla_threads", "env_threads", "log_every", "save_model", "eval_checkpoint")
 
 
 def parse_fields(text: str, option: str) -> tuple[str, ...]:

@@ -11,7 +11,8 @@ smoke arm (tests/script_budgets.py). The matrix:
 - checkpoints: empty, random bytes, a pickle that safe loading refuses (the error must not advise
   `weights_only=False`), a foreign torch file, one of the script's own with a tensor of the wrong shape or trained on
   another task, and one written by another script of the same family (accepted exactly when the two networks have
-  the same parameter names and shapes).
+  the same parameter names and shapes). The JAX twins (`*_jax.py`) write `model.msgpack` (flax's msgpack, nested
+  parameter dicts named `Dense_0/kernel`) instead of `model.pt`: the same cases in that format.
 
 The scripts run in this process through their `main()` (argv patched), so each case costs milliseconds to a second
 instead of a subprocess's imports; the one-line contract is checked on what `main()` writes to stderr.
@@ -24,6 +25,7 @@ import glob
 import os
 import typing
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,13 +43,64 @@ FOREIGN_TASKS = {
     "ppo": [],  # discrete and continuous actions, vector and pixel observations: nothing to refuse by family
     "stream": [],  # stream_q.py refuses continuous actions, stream_ac.py pixels: tested in their own test files
     "cale": [("CartPole-v1", "Atari"), ("MinAtar/Breakout", "Atari"), ("HalfCheetah-v4", "Atari")],  # Atari only
+    "dqn_jax": [("Pendulum-v1", "discrete")],
+    "ppo_jax": [("MinAtar/Breakout", "XLA")],  # EnvPool's XLA interface: no MinAtar (docs/ppo_jax.md)
 }
 
 
 def family(name: str) -> str:
     if name.removesuffix(".py").endswith("_cale"):  # the continuous-Atari bases (sac_cale.py, ppo_cale.py)
         return "cale"
+    if is_jax(name):  # each JAX twin is a family of its own: no other script reads its checkpoints
+        return name.removesuffix(".py")
     return name.split("_")[0].removesuffix(".py")
+
+
+def is_jax(name: str) -> bool:
+    return name.removesuffix(".py").endswith("_jax")
+
+
+def model_file(name: str) -> str:
+    return "model.msgpack" if is_jax(name) else "model.pt"
+
+
+def load_checkpoint(path: str) -> dict:
+    """A --save-model checkpoint as a dict whose "model" maps "/"-joined parameter names to arrays or tensors."""
+    if not str(path).endswith(".msgpack"):
+        return torch.load(path, weights_only=True)
+    from flax.serialization import msgpack_restore
+    with open(path, "rb") as f:
+        checkpoint = msgpack_restore(f.read())
+    return dict(checkpoint, model=flatten(checkpoint["model"]))
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Write `checkpoint` (as load_checkpoint returns it) in the format its file name says."""
+    if not str(path).endswith(".msgpack"):
+        torch.save(checkpoint, path)
+        return
+    from flax.serialization import msgpack_serialize
+    model = checkpoint.get("model")
+    with open(path, "wb") as f:
+        f.write(msgpack_serialize(dict(checkpoint, model=unflatten(model)) if isinstance(model, dict) else checkpoint))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return tree
 
 
 def flag(field: str) -> str:
@@ -55,7 +108,7 @@ def flag(field: str) -> str:
 
 
 def tiny_args(name: str) -> list[str]:
-    return [str(x) for x in TINY_ARGS[name]] + ["--torch-threads", "1"]
+    return [str(x) for x in TINY_ARGS[name]] + ["--xla-threads" if is_jax(name) else "--torch-threads", "1"]
 
 
 def env_id_of(name: str) -> str:
@@ -73,7 +126,7 @@ def assert_rejected(case: str, code: int, lines: list[str], fragments: tuple[str
     for summary_path in glob.glob(os.path.join(out_dir, "*", "summary.json")):
         summary = read_json(summary_path)
         assert summary["status"] == "failed" and summary.get("error"), f"{case}: {summary_path} says {summary}"
-    assert not glob.glob(os.path.join(out_dir, "*", "model.pt")), f"{case}: a model was saved"
+    assert not glob.glob(os.path.join(out_dir, "*", "model.*")), f"{case}: a model was saved"
 
 
 def check_cases(run_case, cases) -> None:
@@ -129,19 +182,19 @@ _CHECKPOINTS: dict[str, str] = {}
 
 
 def own_checkpoint(name: str, tmp_path_factory, capsys) -> str:
-    """model.pt of a smoke-budget run of `name` (one per script and test process)."""
+    """model.pt (model.msgpack for a JAX twin) of a smoke-budget run of `name` (one per script and test process)."""
     if name not in _CHECKPOINTS:
         out_dir = str(tmp_path_factory.mktemp(f"ckpt_{name[:-3]}"))
         code, lines = call_main(load_script(name), [*tiny_args(name), "--save-model", "--eval-episodes", 0,
                                                      "--metrics-every", 0, "--output-dir", out_dir,
                                                      "--run-name", "run"], capsys)
         assert code == 0, f"{name} smoke run with --save-model failed: {lines}"
-        _CHECKPOINTS[name] = os.path.join(out_dir, "run", "model.pt")
+        _CHECKPOINTS[name] = os.path.join(out_dir, "run", model_file(name))
     return _CHECKPOINTS[name]
 
 
 def signature(path: str) -> dict[str, tuple]:
-    return {key: tuple(value.shape) for key, value in torch.load(path, weights_only=True)["model"].items()}
+    return {key: tuple(value.shape) for key, value in load_checkpoint(path)["model"].items()}
 
 
 class NotSafe:
@@ -152,26 +205,29 @@ class NotSafe:
 def test_bad_checkpoints(name, tmp_path, tmp_path_factory, capsys):
     module = load_script(name)
     own = own_checkpoint(name, tmp_path_factory, capsys)
-    checkpoint = torch.load(own, weights_only=True)
+    checkpoint = load_checkpoint(own)
     assert checkpoint["script"] == name
+    suffix = os.path.splitext(own)[1]
 
     files = {}
-    files["empty"] = tmp_path / "empty.pt"
+    files["empty"] = tmp_path / f"empty{suffix}"
     files["empty"].write_bytes(b"")
-    files["random bytes"] = tmp_path / "random.pt"
+    files["random bytes"] = tmp_path / f"random{suffix}"
     files["random bytes"].write_bytes(os.urandom(4096))
-    files["unsafe pickle"] = tmp_path / "unsafe.pt"
-    torch.save({"model": NotSafe()}, files["unsafe pickle"])
-    files["foreign torch file"] = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, files["foreign torch file"])
-    key = next(k for k, v in checkpoint["model"].items() if v.dim() >= 1)
-    wrong = torch.zeros(checkpoint["model"][key].shape[0] + 1)  # one more row than the network has
-    wrong_shape = dict(checkpoint, model=dict(checkpoint["model"], **{key: wrong}))
-    files["wrong shape"] = tmp_path / "wrong_shape.pt"
-    torch.save(wrong_shape, files["wrong shape"])
+    files["unsafe pickle"] = tmp_path / f"unsafe{suffix}"
+    torch.save({"model": NotSafe()}, files["unsafe pickle"])  # a pickle: a JAX twin must refuse it as unreadable
+    files["foreign torch file"] = tmp_path / f"foreign{suffix}"  # for a JAX twin, a foreign msgpack file
+    save_checkpoint({"weights": torch.zeros(3) if suffix == ".pt" else np.zeros(3)}, files["foreign torch file"])
+    key = next(k for k, v in checkpoint["model"].items() if v.ndim >= 1)
+    wrong = np.zeros(checkpoint["model"][key].shape[0] + 1, np.float32)  # one more row than the network has
+    wrong_shape = dict(checkpoint, model=dict(checkpoint["model"], **{key: torch.from_numpy(wrong) if suffix == ".pt"
+                                                                       else wrong}))
+    files["wrong shape"] = tmp_path / f"wrong_shape{suffix}"
+    save_checkpoint(wrong_shape, files["wrong shape"])
     other_task = "Acrobot-v1" if env_id_of(name) != "Acrobot-v1" else "CartPole-v1"
-    files["another task"] = tmp_path / "other_task.pt"
-    torch.save(dict(checkpoint, args=dict(checkpoint["args"], env_id=other_task, env_ids=None)), files["another task"])
+    files["another task"] = tmp_path / f"other_task{suffix}"
+    save_checkpoint(dict(checkpoint, args=dict(checkpoint["args"], env_id=other_task, env_ids=None)),
+                    files["another task"])
     expected = {"empty": (), "random bytes": (), "unsafe pickle": (), "foreign torch file": (),
                 "wrong shape": (key,), "another task": (other_task,)}
 
