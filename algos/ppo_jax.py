@@ -797,8 +797,10 @@ def make_iteration(step_env, apply_fn, optimizer, cfg: dict, obs_space, action_s
         return plasticity_metrics(params, apply_fn, batch, mask, cfg), metrics_key
 
     def update(state, b, valid_flat):
-        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-            metrics_on_sample, state["params"], state["metrics_key"], b, valid_flat)[0])
+        def zero_metrics():  # the skipped branch of the diagnostics' cond: zeros of their shapes
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                metrics_on_sample, state["params"], state["metrics_key"], b, valid_flat)[0])
+
         stat_keys = ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl")
 
         def minibatch_step(carry, k):
@@ -821,12 +823,15 @@ def make_iteration(step_env, apply_fn, optimizer, cfg: dict, obs_space, action_s
             carry = dict(carry, params=pick(params, carry["params"]), opt_state=pick(opt_state, carry["opt_state"]),
                          diverged=carry["diverged"] | (attempted & ~finite), num_updates=num_updates,
                          last_stats=pick({key: stats[key] for key in stat_keys}, carry["last_stats"]))
-            do_metrics = do_step & (num_updates % max(cfg["metrics_every"], 1) == 0) & (cfg["metrics_every"] > 0)
-            metrics, metrics_key = jax.lax.cond(
-                do_metrics, lambda p, mk: metrics_on_sample(p, mk, b, valid_flat), lambda p, mk: (zero_metrics, mk),
-                carry["params"], carry["metrics_key"])
-            carry = dict(carry, metrics_key=metrics_key)
-            return carry, dict(metrics=metrics, metrics_logged=do_metrics, clipfrac=stats["clipfrac"], stepped=do_step)
+            out = dict(clipfrac=stats["clipfrac"], stepped=do_step)
+            if cfg["metrics_every"]:  # static: without diagnostics nothing of them is compiled
+                do_metrics = do_step & (num_updates % cfg["metrics_every"] == 0)
+                metrics, metrics_key = jax.lax.cond(
+                    do_metrics, lambda p, mk: metrics_on_sample(p, mk, b, valid_flat),
+                    lambda p, mk: (zero_metrics(), mk), carry["params"], carry["metrics_key"])
+                carry = dict(carry, metrics_key=metrics_key)
+                out.update(metrics=metrics, metrics_logged=do_metrics)
+            return carry, out
 
         def epoch(carry, _):
             key, sub = jax.random.split(carry["key"])
@@ -1163,7 +1168,7 @@ def run(args: Args) -> dict:
                 episodes_csv.writerow([step_t, ep_return, ep_length, tasks[task_index]])
                 writer.add_scalar("charts/episodic_return", ep_return, step_t)
                 writer.add_scalar("charts/episodic_length", ep_length, step_t)
-            logged = info["metrics_logged"].reshape(-1)
+            logged = info["metrics_logged"].reshape(-1) if args.metrics_every else np.zeros(0, bool)
             for i in np.flatnonzero(logged):
                 for name, values in info["metrics"].items():
                     writer.add_scalar(name, values.reshape(-1)[i], global_step)
