@@ -38,6 +38,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Optional
 
 import flax.linen as nn
@@ -763,8 +764,7 @@ def make_iteration(step_env, apply_fn, optimizer, cfg: dict, obs_space, action_s
         low, high = np.asarray(action_space.low), np.asarray(action_space.high)
         env_dtype = action_space.dtype
 
-    def env_step(carry, _):
-        params = carry["params"]
+    def env_step(params, carry, _):
         key, sub = jax.random.split(carry["key"])
         policy_out, value, _ = apply_fn({"params": params}, carry["obs"])
         action, logprob = sample_action(params, policy_out, sub, continuous)
@@ -855,7 +855,12 @@ def make_iteration(step_env, apply_fn, optimizer, cfg: dict, obs_space, action_s
         TRACES["iteration"] += 1  # Python side effect: runs once per trace, not per call
         opt_state = state["opt_state"]
         opt_state.hyperparams["learning_rate"] = learning_rate  # the annealed LR (docs/ppo_jax.md, detail 4)
-        carry, rollout = jax.lax.scan(env_step, state, None, length=num_steps)
+        # the parameters and the optimizer state stay out of the scan's carry: a carried 1.7M-parameter CNN and its
+        # Adam moments were copied at every step (docs/ppo_jax.md, detail 4)
+        learner_keys = ("params", "opt_state", "metrics_key", "num_updates")
+        env_carry = {k: v for k, v in state.items() if k not in learner_keys}
+        env_carry, rollout = jax.lax.scan(partial(env_step, state["params"]), env_carry, None, length=num_steps)
+        carry = dict(env_carry, **{k: state[k] for k in learner_keys})
         next_value = apply_fn({"params": carry["params"]}, carry["obs"])[1]
         # GAE with truncation bootstrap and auto-reset masking (docs/ppo.md, details 6-7)
         advantages, returns = compute_gae(rollout["rewards"], rollout["values"], next_value, rollout["terminated"],
