@@ -4,6 +4,7 @@ diagnostics that never change a run, the checkpoint round trip and its refusals,
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import call_main, load_script, read_csv, read_json, read_scalars
+from helpers import call_main, load_script, read_json, read_scalars
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +238,8 @@ def test_outputs_match_the_torch_script(runs):
     assert lr[0] == pytest.approx(2.5e-4) and lr[-1] == pytest.approx(2.5e-4 / 8)  # annealed per iteration
     config = read_json(os.path.join(dirs["b"], "config.json"))
     assert {"jax", "jaxlib", "flax", "optax"} <= config["versions"].keys() and "torch" not in config["versions"]
-    rows = read_csv(os.path.join(dirs["b"], "episodes.csv"))
+    with open(os.path.join(dirs["b"], "episodes.csv")) as f:
+        rows = list(csv.DictReader(f))
     steps = [int(r["global_step"]) for r in rows]
     assert steps == sorted(steps) and all(s % 4 == 0 for s in steps)
     assert all(r["task"] == "CartPole-v1" for r in rows)
