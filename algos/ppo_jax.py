@@ -625,8 +625,8 @@ def minibatch_windows(valid, num_minibatches: int, key):
     the n valid steps into `num_minibatches` nearly equal parts (the first n % M one larger). Returns (order, starts,
     sizes); minibatch k is order[starts[k]: starts[k] + sizes[k]], read as a window of fixed width with a mask."""
     n = valid.sum().astype(jnp.int32)
-    order = jnp.argsort(jnp.where(valid, jax.random.uniform(key, valid.shape), 2.0))
-    k = jnp.arange(num_minibatches)
+    order = jnp.argsort(jnp.where(valid, jax.random.uniform(key, valid.shape), 2.0)).astype(jnp.int32)
+    k = jnp.arange(num_minibatches, dtype=jnp.int32)
     base, extra = n // num_minibatches, n % num_minibatches
     sizes = base + (k < extra).astype(jnp.int32)
     starts = k * base + jnp.minimum(k, extra)
