@@ -658,6 +658,18 @@ def plasticity_metrics(q_network, params, target_params, batch, loss_type: str, 
     return metrics
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_functions(q_network: QNetwork, loss_type: str, learning_rate: float, adam_eps: float):
+    """The optimizer and the jitted hot paths of run() (detail 4): the greedy action, k updates (parameters and
+    optimizer state donated), the diagnostics. The network and the settings are closed over, so shapes alone decide
+    compilation: each compiles once per shape. Cached, so that runs in one process (the tests) share compilations."""
+    optimizer = optax.adam(learning_rate, eps=adam_eps)  # torch.optim.Adam's update, eps outside the square root
+    act = jax.jit(functools.partial(greedy_actions, q_network))
+    train = jax.jit(functools.partial(train_steps, q_network, optimizer, loss_type), donate_argnums=(0, 1))
+    metrics = jax.jit(functools.partial(plasticity_metrics, q_network, loss_type=loss_type))
+    return optimizer, act, train, metrics
+
+
 def evaluate(act, params, env_id: str, args: Args, episodes: int, epsilon: float, seed: int) -> list[float]:
     """Play `episodes` full games in parallel, one per EnvPool env (so short games are not over-represented),
     with an epsilon-greedy policy; returns the full-game, unclipped returns. `act` is the jitted greedy policy."""
@@ -803,8 +815,7 @@ def run(args: Args) -> dict:
         network = dict(minatar=family == "minatar")  # QNetwork's settings; an intervention adds its own below
         q_network = QNetwork(tuple(obs_shape), n_actions, **network)
         params = q_network.init(init_key, jnp.zeros((1, *obs_shape), envs.observation_space.dtype))
-        # The hot paths, jitted once each (detail 4): the network is a static closure, so shapes alone decide.
-        act = jax.jit(functools.partial(greedy_actions, q_network))
+        optimizer, act, train, metrics_fn = jitted_functions(q_network, args.loss, args.learning_rate, args.adam_eps)
         if args.eval_checkpoint:  # evaluation only
             checkpoint = read_checkpoint(args.eval_checkpoint, tasks[0])
             if (tuple(checkpoint["obs_shape"]), checkpoint["n_actions"]) != (tuple(obs_shape), n_actions):
@@ -818,10 +829,7 @@ def run(args: Args) -> dict:
             return summary
         copy_params = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))  # own buffers: params are donated
         target_params = copy_params(params)
-        optimizer = optax.adam(args.learning_rate, eps=args.adam_eps)  # torch.optim.Adam's update, same eps placement
         opt_state = optimizer.init(params)
-        train = jax.jit(functools.partial(train_steps, q_network, optimizer, args.loss), donate_argnums=(0, 1))
-        metrics_fn = jax.jit(functools.partial(plasticity_metrics, q_network, loss_type=args.loss))
         rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype, family == "atari")
         stats = EpisodeStats(args.num_envs)
         last_loss = None  # the newest logged loss, on the device: checked for divergence when fetched (detail 5)

@@ -77,13 +77,13 @@ def torch_batch(batch):
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_greedy_action_equal_dqn_py(dqn, dj, case):
     net, module, params = twin_networks(dqn, dj, case)
-    obs = random_batch(case, 16, 1)[0]
+    obs = random_batch(case, 8, 1)[0]
     with torch.no_grad():
         expected = net(torch.from_numpy(obs)).numpy()
     q_values, hidden = module.apply(params, obs)
     np.testing.assert_allclose(np.asarray(q_values), expected, rtol=1e-5, atol=1e-5)
     assert len(hidden) == len(net.hidden_layers()) and module.hidden_layers() == net.hidden_layers()
-    greedy = np.asarray(jax.jit(lambda p, o: dj.greedy_actions(module, p, o))(params, obs))
+    greedy = np.asarray(dj.greedy_actions(module, params, obs))
     np.testing.assert_array_equal(greedy, expected.argmax(axis=1))
 
 
@@ -246,26 +246,29 @@ def count_compiles():
 def test_determinism_and_diagnostics_leave_the_run_unchanged(dj, tmp_path):
     """Same seed -> the same episodes.csv; another seed -> another; --metrics-every 1 and 0 -> the same run as the
     smoke arm's 10. The 1.5 replay ratio with 2 envs runs 3 updates per step, cut at each diagnostics point."""
-    flags = dict(num_envs=2, replay_ratio=1.5, total_timesteps=1200, log_every=7)
+    flags = dict(num_envs=2, replay_ratio=1.5, total_timesteps=500, log_every=7, eval_episodes=0)
+    dj.jitted_functions.cache_clear()
     with count_compiles() as compiles:
         a = run_dqn_smoke(dj, tmp_path, "a", "CartPole-v1", seed=5, **flags)
     # shapes decide compilation: the update once per chunk length (3, and 1 + 2 around diagnostics points), the
-    # greedy action for 2 training envs and the 2 evaluation envs (one shape), the diagnostics once
+    # greedy action for the 2 training envs, the diagnostics once
     assert compiles["jit(train_steps)"] == 3 and compiles["jit(greedy_actions)"] == 1, compiles
     assert compiles["jit(plasticity_metrics)"] == 1, compiles
-    b = run_dqn_smoke(dj, tmp_path, "b", "CartPole-v1", seed=5, **flags)
+    with count_compiles() as compiles:  # another run of the same network and settings in this process: none
+        b = run_dqn_smoke(dj, tmp_path, "b", "CartPole-v1", seed=5, **flags)
+    assert not {"jit(train_steps)", "jit(greedy_actions)", "jit(plasticity_metrics)"} & set(compiles), compiles
     c = run_dqn_smoke(dj, tmp_path, "c", "CartPole-v1", seed=6, **flags)
     off = run_dqn_smoke(dj, tmp_path, "off", "CartPole-v1", seed=5, **flags, metrics_every=0)
     every = run_dqn_smoke(dj, tmp_path, "every", "CartPole-v1", seed=5, **flags, metrics_every=1)
-    assert episodes(a).count(b"\n") > 20
+    assert episodes(a).count(b"\n") > 15
     assert episodes(a) == episodes(b) == episodes(off) == episodes(every)
     assert episodes(a) != episodes(c)
     summary = read_json(os.path.join(a, "summary.json"))
-    assert summary["status"] == "completed" and summary["num_updates"] == (1200 - 200) // 2 * 3
+    assert summary["status"] == "completed" and summary["num_updates"] == (500 - 200) // 2 * 3
     assert summary["peak_gpu_memory_mb"] is None
     scalars = read_scalars(every)
     for key in ("losses/td_loss", "losses/q_values", "charts/epsilon", "charts/SPS", "charts/num_updates",
-                "charts/episodic_return", "eval/episodic_return", "plasticity/dormant_tau0/fc1",
+                "charts/episodic_return", "plasticity/dormant_tau0/fc1",
                 "plasticity/grad_inactive_tau0.1", "plasticity/srank", "plasticity/grad_norm"):
         assert key in scalars, key
     assert [v for _, v in scalars["charts/num_updates"]][:2] == [7, 14]
