@@ -827,7 +827,8 @@ def run(args: Args) -> dict:
             summary.update(status="completed", eval_returns=returns, eval_return_mean=float(np.mean(returns)),
                            checkpoint=args.eval_checkpoint)
             return summary
-        copy_params = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))  # own buffers: params are donated
+        # the target network gets its own buffers: the update donates the online parameters' (detail 4)
+        copy_params = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))
         target_params = copy_params(params)
         opt_state = optimizer.init(params)
         rb = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, envs.observation_space.dtype, family == "atari")
