@@ -20,8 +20,8 @@ from helpers import (
 )
 
 GAMES = ["MinAtar/Asterix", "MinAtar/Breakout", "MinAtar/Freeway", "MinAtar/Seaquest", "MinAtar/SpaceInvaders"]
-FAMILY = ["dqn", "dqn_redo", "dqn_hlgauss", "dqn_gap", "dqn_reset", "dqn_softmoe", "dqn_pruning", "dqn_rigl", "dqn_mico",
-          "dqn_qdagger", "dqn_cchain", "ppo", "ppo_gtr", "ppo_simplicial", "stream_q", "ppo_cchain",
+FAMILY = ["dqn", "dqn_jax", "dqn_redo", "dqn_hlgauss", "dqn_gap", "dqn_reset", "dqn_softmoe", "dqn_pruning", "dqn_rigl",
+          "dqn_mico", "dqn_qdagger", "dqn_cchain", "ppo", "ppo_gtr", "ppo_simplicial", "stream_q", "ppo_cchain",
           "ppo_regrama", "ppo_sigreg", "ppo_decoupled", "ppo_vaco", "ppo_asyppo", "ppo_kl", "ppo_moe",
           "ppo_stable"]
 
