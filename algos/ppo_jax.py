@@ -751,6 +751,20 @@ def plasticity_metrics(params, apply_fn, batch, mask, cfg: dict, taus=(0.0, 0.1)
     return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
+def scan(body, carry, xs, length: int, unroll: bool):
+    """jax.lax.scan, or the same loop unrolled in Python inside the jit. XLA on the CPU runs a convolution whose
+    weights are a loop's carry about 10x slower than the same step unrolled (0.6 s against 10 s per Adam step of the
+    Nature CNN at batch 256, one thread; `unroll=True` of lax.scan did not help), so the updates of pixel networks
+    unroll (docs/ppo_jax.md, detail 4)."""
+    if not unroll:
+        return jax.lax.scan(body, carry, xs, length=length)
+    outs = []
+    for i in range(length):
+        carry, out = body(carry, None if xs is None else jax.tree.map(lambda x: x[i], xs))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+
 def make_iteration(step_env, apply_fn, optimizer, cfg: dict, obs_space, action_space):
     """One PPO iteration as one jitted function (docs/ppo_jax.md, detail 4): the rollout (num_steps EnvPool XLA steps
     in lax.scan), GAE, and update_epochs x num_minibatches Adam steps (nested lax.scan). `step_env` is the task's
@@ -838,7 +852,7 @@ def make_iteration(step_env, apply_fn, optimizer, cfg: dict, obs_space, action_s
             order, starts, sizes = minibatch_windows(valid_flat, num_minibatches, sub)
             order = jnp.concatenate([order, order[:window]])  # a window never runs past the end
             carry = dict(carry, key=key, order=order, starts=starts, sizes=sizes)
-            carry, out = jax.lax.scan(minibatch_step, carry, jnp.arange(num_minibatches))
+            carry, out = scan(minibatch_step, carry, jnp.arange(num_minibatches), num_minibatches, cfg["unroll"])
             if cfg["target_kl"] is not None:  # early stop on the last minibatch's approx_kl (docs/ppo.md, detail 10)
                 carry = dict(carry, stopped=carry["stopped"] | (carry["last_stats"]["approx_kl"] > cfg["target_kl"]))
             return carry, out
@@ -848,7 +862,7 @@ def make_iteration(step_env, apply_fn, optimizer, cfg: dict, obs_space, action_s
                      stopped=jnp.asarray(False), last_stats={key: jnp.zeros((), jnp.float32) for key in stat_keys},
                      order=jnp.zeros(batch_size + window, jnp.int32), starts=jnp.zeros(num_minibatches, jnp.int32),
                      sizes=jnp.zeros(num_minibatches, jnp.int32))
-        carry, out = jax.lax.scan(epoch, carry, None, length=cfg["update_epochs"])
+        carry, out = scan(epoch, carry, None, cfg["update_epochs"], cfg["unroll"])
         return carry, out
 
     def iteration(state, learning_rate):
@@ -1082,7 +1096,7 @@ def run(args: Args) -> dict:
                    norm_obs=args.norm_obs, obs_clip=args.obs_clip, reward_clip=args.reward_clip,
                    target_kl=args.target_kl, metrics_every=args.metrics_every,
                    metrics_batch_size=args.metrics_batch_size, obs_perturbation=args.obs_perturbation,
-                   hidden_names=[name for name, _, _ in hidden],
+                   hidden_names=[name for name, _, _ in hidden], unroll=pixel,
                    hidden_shapes={name: tuple(z.shape[1:]) for name, z, _ in hidden})
         obs_rms = rms_init(tuple(obs_shape), stat_dtype)
         act = make_policy(agent.apply, cfg, obs_space, action_space)
