@@ -75,9 +75,9 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """the JAX platform: auto is JAX's default (cuda when a CUDA jaxlib is installed), cpu or cuda"""
     xla_threads: int = 0
-    """XLA CPU threads: 0 keeps XLA's default (one per core) unless OMP_NUM_THREADS is set, as the benchmark harness
-    does, which it then follows; 1 makes XLA single-threaded (docs/dqn_jax.md, detail 8). Applied when JAX's
-    backend starts, once per process"""
+    """XLA CPU threads: 0 follows OMP_NUM_THREADS when it is set (the benchmark harness sets it per run), else XLA's
+    default (one per core); N sizes XLA's pool to N threads, by starting the backend confined to N CPUs. Set when
+    JAX's backend starts, once per Python process (docs/dqn_jax.md, detail 8)"""
     output_dir: str = "runs"
     """outputs go to <output_dir>/<run_name>/"""
     run_name: Optional[str] = None
@@ -492,20 +492,34 @@ class SummaryWriter:
         self.writer.close()
 
 
-def setup_jax(args: Args):
-    """Choose the JAX platform and XLA's CPU threads (docs/dqn_jax.md, detail 8). Both are read when JAX's backend
-    starts (the first array or device call), so this runs first in run(); in one Python process the backend starts
-    once, and a later call changes nothing."""
+def start_jax(device: str, threads: int):
+    """Choose the JAX platform and start its backend with `threads` XLA CPU threads (0: XLA's default, one per core).
+    XLA sizes its CPU thread pool by the CPUs the process may run on when the backend starts; it ignores
+    OMP_NUM_THREADS, and jax 0.10 ignores the `intra_op_parallelism_threads` flag (measured: a 2000 x 2000 matmul
+    loop ran on both cores with it). So the process is confined to `threads` of its CPUs while the backend starts,
+    then every thread, XLA's pool included, gets all of them back: a pool of `threads` threads that the OS may
+    place on any core. In one Python process the backend starts once; later calls change nothing
+    (docs/dqn_jax.md, detail 8)."""
+    if device != "auto":
+        jax.config.update("jax_platforms", device)
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if not threads or threads >= len(allowed):
+        jax.devices()
+        return
+    os.sched_setaffinity(0, sorted(allowed)[:threads])
     try:
-        omp_threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
-    except ValueError:
-        omp_threads = 0
-    threads = args.xla_threads or omp_threads
-    if threads == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                   " intra_op_parallelism_threads=1").strip()
-    if args.device != "auto":
-        jax.config.update("jax_platforms", args.device)
+        jax.devices()  # starts the backend: its CPU thread pool is sized now
+    finally:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), allowed)
+            except OSError:  # a thread that has ended meanwhile
+                pass
+
+def resolved_threads(args: Args) -> int:
+    """--xla-threads, or OMP_NUM_THREADS when it is 0 (the benchmark harness sets OMP_NUM_THREADS per run)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return args.xla_threads or (int(omp) if omp.isdigit() else 0)
 
 
 # Parameter init with the distributions of dqn.py's layers (docs/dqn_jax.md, detail 2). PyTorch's default Linear
@@ -780,7 +794,7 @@ def save_checkpoint(path: str, params: dict, obs_shape, n_actions: int, args: Ar
 
 
 def run(args: Args) -> dict:
-    setup_jax(args)  # before anything starts JAX's backend (detail 8)
+    start_jax(args.device, resolved_threads(args))  # before anything starts JAX's backend (detail 8)
     tasks, family = resolve_args(args)
     label = tasks[0].replace("/", "-") if len(tasks) == 1 else "seq"  # MinAtar/Breakout: a name, not a path
     run_name = args.run_name or f"{label}__{args.exp_name}__{args.seed}__{int(time.time())}"

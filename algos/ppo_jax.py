@@ -68,9 +68,9 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """the JAX platform: auto is JAX's default (cuda when a CUDA jaxlib plugin is installed), cpu forces the CPU"""
     xla_threads: int = 0
-    """XLA CPU threads (0: XLA's default, one per core, unless OMP_NUM_THREADS is set, as the benchmark harness does,
-    which it then follows; 1: single-threaded XLA; > 1 keeps XLA's default pool, which has no size flag). Set before
-    JAX's backend starts, so only the first run of a Python process decides it (docs/ppo_jax.md, detail 9)"""
+    """XLA CPU threads: 0 follows OMP_NUM_THREADS when it is set (the benchmark harness sets it per run), else XLA's
+    default (one per core); N sizes XLA's pool to N threads, by starting the backend confined to N CPUs. Set when
+    JAX's backend starts, once per Python process (docs/ppo_jax.md, detail 9)"""
     output_dir: str = "runs"
     """outputs go to <output_dir>/<run_name>/"""
     run_name: Optional[str] = None
@@ -372,20 +372,34 @@ def cuda_plugin_installed() -> bool:
     return any((d.metadata["Name"] or "").lower().startswith(("jax-cuda", "jax_cuda")) for d in distributions())
 
 
-def configure_jax(args: Args):
-    """Platform and XLA threads, set before JAX's backend starts (docs/ppo_jax.md, detail 9). In one Python process the
-    backend starts once: later runs in the same process keep the first run's settings."""
-    if args.device == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-    elif args.device == "cuda":
-        jax.config.update("jax_platforms", "cuda")
-    threads = args.xla_threads
+def start_jax(device: str, threads: int):
+    """Choose the JAX platform and start its backend with `threads` XLA CPU threads (0: XLA's default, one per core).
+    XLA sizes its CPU thread pool by the CPUs the process may run on when the backend starts; it ignores
+    OMP_NUM_THREADS, and jax 0.10 ignores the `intra_op_parallelism_threads` flag (measured: a 2000 x 2000 matmul
+    loop ran on both cores with it). So the process is confined to `threads` of its CPUs while the backend starts,
+    then every thread, XLA's pool included, gets all of them back: a pool of `threads` threads that the OS may
+    place on any core. In one Python process the backend starts once; later calls change nothing
+    (docs/ppo_jax.md, detail 9)."""
+    if device != "auto":
+        jax.config.update("jax_platforms", device)
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if not threads or threads >= len(allowed):
+        jax.devices()
+        return
+    os.sched_setaffinity(0, sorted(allowed)[:threads])
+    try:
+        jax.devices()  # starts the backend: its CPU thread pool is sized now
+    finally:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), allowed)
+            except OSError:  # a thread that has ended meanwhile
+                pass
+
+def resolved_threads(args: Args) -> int:
+    """--xla-threads, or OMP_NUM_THREADS when it is 0 (the benchmark harness sets OMP_NUM_THREADS per run)."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    if threads == 0 and omp.isdigit():
-        threads = int(omp)  # the benchmark harness sets OMP_NUM_THREADS per run: follow it
-    flags = os.environ.get("XLA_FLAGS", "")
-    if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    return args.xla_threads or (int(omp) if omp.isdigit() else 0)
 
 
 def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bool = True, task_index: int = 0):
@@ -1046,7 +1060,7 @@ def load_weights(model: dict, checkpoint: dict, path: str) -> dict:
 
 
 def run(args: Args) -> dict:
-    configure_jax(args)  # before anything starts JAX's backend (docs/ppo_jax.md, detail 9)
+    start_jax(args.device, resolved_threads(args))  # before anything starts JAX's backend (detail 9)
     tasks, family = resolve_args(args)
     label = tasks[0].replace("/", "-") if len(tasks) == 1 else "seq"
     run_name = args.run_name or f"{label}__{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -8,6 +8,9 @@ import ast
 import dataclasses
 import inspect
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -71,3 +74,39 @@ def test_the_tensorboard_writer_is_one_copy():
     """Duplicated by design (standalone scripts); the copies must not drift apart."""
     sources = {twin: inspect.getsource(load_script(twin).SummaryWriter) for twin in TWINS}
     assert len(set(sources.values())) == 1, "the SummaryWriter classes of the JAX twins differ"
+
+
+def test_start_jax_is_one_copy():
+    sources = {twin: inspect.getsource(load_script(twin).start_jax) for twin in TWINS}
+    normalised = {re.sub(r"docs/\w+\.md, detail \d+", "DOCS", source) for source in sources.values()}
+    assert len(normalised) == 1, "start_jax differs between the JAX twins"
+
+
+PROBE = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("twin", sys.argv[1])
+twin = importlib.util.module_from_spec(spec)
+sys.modules["twin"] = twin
+spec.loader.exec_module(twin)
+allowed = os.sched_getaffinity(0)
+twin.start_jax("cpu", int(sys.argv[2]))
+tasks = os.listdir("/proc/self/task")
+restored = all(os.sched_getaffinity(int(t)) == allowed for t in tasks)
+print(len(tasks), restored)
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 CPUs to see XLA's pool shrink")
+def test_xla_threads_size_the_pool_and_give_the_cpus_back():
+    """`--xla-threads 1` gives XLA a smaller CPU pool than its default (one thread per CPU), and afterwards every
+    thread of the process may run on every CPU again (docs/ppo_jax.md, detail 9)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OMP_NUM_THREADS")}
+    counts = {}
+    for threads in (0, 1):
+        proc = subprocess.run([sys.executable, "-c", PROBE, os.path.join(ALGOS_DIR, "ppo_jax.py"), str(threads)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        count, restored = proc.stdout.split()
+        assert restored == "True", f"--xla-threads {threads}: a thread kept a narrowed CPU set"
+        counts[threads] = int(count)
+    assert counts[1] < counts[0], f"threads after start: {counts} (XLA's pool did not shrink)"
