@@ -15,10 +15,11 @@ Differences from algos/ppo.py (docs/ppo_jax.md, "Differences from ppo.py"):
     detail 2), optax's global-norm clipping (no 1e-6 in the denominator);
   - minibatches are fixed-size windows over the shuffled valid steps with a mask (detail 4): the same split as
     ppo.py's `np.array_split`, in shapes that jit compiles once;
-  - MinAtar is refused (not EnvPool; use ppo.py); `--torch-threads` and `--torch-deterministic` are gone
-    (`--xla-threads`; JAX on CPU is deterministic); `--save-model` writes model.msgpack, not model.pt.
+  - MinAtar (the `minatar` package, not EnvPool: no XLA step) is stepped on the host from inside the jitted rollout
+    by a callback (detail 1); `--torch-threads` and `--torch-deterministic` are gone (`--xla-threads`; JAX on CPU
+    is deterministic); `--save-model` writes model.msgpack, not model.pt.
 Families: classic control and MiniGrid, Atari, MuJoCo and DeepMind Control (float64 EnvPool tasks turn on JAX's
-64-bit mode, detail 2), task sequences.
+64-bit mode, detail 2), MinAtar, task sequences.
 
 Docs: docs/ppo_jax.md. Conventions every script follows: docs/conventions.md.
 """
@@ -91,8 +92,8 @@ class Args:
     # --- environment ---
     env_id: str = "CartPole-v1"
     """the EnvPool task id (Atari: Pong-v5, ...; classic control: CartPole-v1, ...; MuJoCo: Hopper-v4, ...;
-    DeepMind Control: CheetahRun-v1, ...; MiniGrid: MiniGrid-DoorKey-5x5-v0, ...); MinAtar games are not EnvPool
-    tasks and are refused (use ppo.py)"""
+    DeepMind Control: CheetahRun-v1, ...; MiniGrid: MiniGrid-DoorKey-5x5-v0, ...) or a MinAtar game:
+    MinAtar/Asterix, MinAtar/Breakout, MinAtar/Freeway, MinAtar/Seaquest, MinAtar/SpaceInvaders"""
     env_ids: tuple[str, ...] = ()
     """a task sequence for continual learning (overrides --env-id); all tasks must share observation and action
     spaces (Atari sequences use the full 18-action set; MinAtar sequences the full 6-action set, with observation
@@ -104,7 +105,8 @@ class Args:
     """total environment steps, summed over envs [default: Atari 10M (CleanRL ppo_atari_envpool); classic control
     and MiniGrid 500k (CleanRL ppo); MuJoCo/DMC 1M (CleanRL ppo_continuous_action); MinAtar 10M (PureJaxRL)]"""
     num_envs: Optional[int] = None
-    """number of parallel EnvPool environments [default: Atari 8; classic 4; MuJoCo/DMC 1 (CleanRL)]"""
+    """number of parallel EnvPool environments [default: Atari 8; classic 4; MuJoCo/DMC 1 (CleanRL); MinAtar 64
+    (PureJaxRL)]"""
     env_threads: Optional[int] = None
     """EnvPool worker threads (0: one per env up to the core count) [default: Atari 0; others 1, since a cheap
     env step costs less than handing it to another thread]"""
@@ -186,11 +188,15 @@ class Diverged(Exception):
 
 
 # Family defaults: Atari = CleanRL ppo_atari_envpool.py, classic (incl. MiniGrid) = CleanRL ppo.py,
-# continuous (MuJoCo, DMC) = CleanRL ppo_continuous_action.py; ppo.py's table without MinAtar (docs/ppo.md, detail 1).
+# continuous (MuJoCo, DMC) = CleanRL ppo_continuous_action.py, MinAtar = PureJaxRL's MinAtar PPO: ppo.py's table
+# (docs/ppo.md, details 1 and 16).
 FAMILY_DEFAULTS = {
     "atari": dict(num_envs=8, num_steps=128, learning_rate=2.5e-4, num_minibatches=4, update_epochs=4,
                   clip_coef=0.1, ent_coef=0.01, episodic_life=True, clip_rewards=True, norm_obs=False,
                   norm_reward=False, env_threads=0, total_timesteps=10_000_000, sticky_action_prob=0.0),
+    "minatar": dict(num_envs=64, num_steps=128, learning_rate=5e-3, num_minibatches=8, update_epochs=4,
+                    clip_coef=0.2, ent_coef=0.01, episodic_life=False, clip_rewards=False, norm_obs=False,
+                    norm_reward=False, env_threads=0, total_timesteps=10_000_000, sticky_action_prob=0.1),
     "classic": dict(num_envs=4, num_steps=128, learning_rate=2.5e-4, num_minibatches=4, update_epochs=4,
                     clip_coef=0.2, ent_coef=0.01, episodic_life=False, clip_rewards=False, norm_obs=False,
                     norm_reward=False, env_threads=1, total_timesteps=500_000),
@@ -200,6 +206,10 @@ FAMILY_DEFAULTS = {
 }
 # Dict entries that are not observations of the state (MiniGrid's mission string, constant within a task).
 DROPPED_KEYS = ("mission",)
+# MinAtar games by env id (minatar.Environment names). Observations are (channels, 10, 10) 0/1 grids (detail 16).
+MINATAR_GAMES = {"MinAtar/Asterix": "asterix", "MinAtar/Breakout": "breakout", "MinAtar/Freeway": "freeway",
+                 "MinAtar/Seaquest": "seaquest", "MinAtar/SpaceInvaders": "space_invaders"}
+MINATAR_CHANNELS = 10  # the most any game has (Seaquest): task sequences pad every game to it
 TRACES = {"iteration": 0}  # traces of the jitted iteration: one per task (tests check that nothing retraces)
 
 
@@ -237,6 +247,8 @@ def flat_obs_shape(space) -> Optional[tuple]:
         shape = tuple(space.shape)
         if len(shape) == 3 and space.dtype == np.uint8 and shape[0] < min(shape[1:]) and min(shape[1:]) >= 36:
             return shape  # channel-first frame stacks, large enough for the Nature CNN's VALID convolutions
+        if len(shape) == 3 and space.dtype == np.uint8 and shape[1:] == (10, 10):
+            return (int(np.prod(shape)),)  # MinAtar grids, flattened for the MLPs (docs/ppo.md, detail 16)
         return shape if len(shape) == 1 else None
     if space_kind(space) == "Dict":
         size = 0
@@ -258,6 +270,8 @@ def flatten_obs(obs, space):
     detail 2). Dict entries are concatenated in the space's key order (EnvPool's XLA step returns them as a dict
     sorted by name: indexing by key keeps ppo.py's order): Discrete entries one-hot, Box entries flattened, the
     MiniGrid mission dropped. Stacked Atari frames stay uint8; everything else becomes float32."""
+    if space_kind(space) != "Dict" and obs.ndim == 4 and obs.shape[2:] == (10, 10):
+        return obs.reshape(len(obs), -1).astype(jnp.float32)  # MinAtar grids: 0/1 features (docs/ppo.md, 16)
     if space_kind(space) != "Dict":
         return obs if obs.dtype == jnp.uint8 and obs.ndim == 4 else obs.astype(jnp.float32)
     parts = []
@@ -289,23 +303,26 @@ def resolve_args(args: Args):
     if negative:  # no count, size, period, budget or seed is negative (docs/conventions.md, section 10)
         raise UserError(f"--{negative[0][0].replace('_', '-')} must be >= 0 (got {negative[0][1]})")
     tasks = list(args.env_ids) if args.env_ids else [args.env_id]
-    for task in tasks:  # MinAtar is the minatar package, not EnvPool: no XLA interface (docs/ppo_jax.md, detail 1)
-        if task.startswith("MinAtar/"):
-            raise UserError(f"ppo_jax.py runs EnvPool tasks through EnvPool's XLA interface; {task} is a MinAtar "
-                            "game, not an EnvPool task: use ppo.py")
-    known = envpool.list_all_envs()
+    minatar = tasks[0].startswith("MinAtar/")  # MinAtar games: the minatar package, not EnvPool (docs/ppo.md, 16)
+    if any(task.startswith("MinAtar/") != minatar for task in tasks):
+        raise UserError(f"a task sequence cannot mix MinAtar and EnvPool ids: {' '.join(tasks)}")
+    known = list(MINATAR_GAMES) if minatar else envpool.list_all_envs()
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, known, n=3, cutoff=0.6)
             hint = f" (did you mean: {', '.join(close)}?)" if close else " (see envpool.list_all_envs())"
+            hint = f" (MinAtar games: {', '.join(MINATAR_GAMES)})" if minatar else hint
             raise UserError(f"unknown env id '{task}'{hint}")
     if args.full_action_space is None:
         args.full_action_space = len(tasks) > 1
     signatures, families = set(), set()
     for task in tasks:
-        spec = envpool.make_spec(task)
-        if "full_action_space" in spec.config._fields:  # Atari: the action set is a make() option
-            spec = envpool.make_spec(task, full_action_space=args.full_action_space)
+        if minatar:
+            spec = MinAtarVecEnv(MINATAR_GAMES[task], 1, [0], 0.0, args.full_action_space, len(tasks) > 1)
+        else:
+            spec = envpool.make_spec(task)
+            if "full_action_space" in spec.config._fields:  # Atari: the action set is a make() option
+                spec = envpool.make_spec(task, full_action_space=args.full_action_space)
         obs_shape = flat_obs_shape(spec.observation_space)
         if obs_shape is None:
             raise UserError(f"ppo_jax.py supports vector, Dict or stacked-image (uint8) observations; {task} has "
@@ -313,7 +330,7 @@ def resolve_args(args: Args):
         action = spec.action_space
         if space_kind(action) == "Discrete":
             action_sig = ("discrete", int(action.n))
-            family = "atari" if len(obs_shape) == 3 else "classic"
+            family = "minatar" if minatar else ("atari" if len(obs_shape) == 3 else "classic")
         elif space_kind(action) == "Box" and len(action.shape) == 1:
             action_sig = ("continuous", int(action.shape[0]))
             family = "continuous"
@@ -404,7 +421,11 @@ def resolved_threads(args: Args) -> int:
 
 def make_env(env_id: str, num_envs: int, seeds: list[int], args: Args, train: bool = True, task_index: int = 0):
     """An EnvPool Gymnasium vector env, ppo.py's settings (docs/ppo.md, detail 3). The perturbation of task
-    `task_index` of a sequence is added in the network input (`obs_offset`, docs/ppo.md detail 17)."""
+    `task_index` of a sequence is added in the network input (`obs_offset`, docs/ppo.md detail 17). MinAtar ids get
+    ppo.py's MinAtarVecEnv, stepped from the jitted rollout through a host callback (`host_step`, detail 1)."""
+    if env_id in MINATAR_GAMES:
+        return MinAtarVecEnv(MINATAR_GAMES[env_id], num_envs, seeds, args.sticky_action_prob, args.full_action_space,
+                             len(args.env_ids) > 1, args.max_episode_steps)
     import envpool
 
     kwargs = dict(env_type="gymnasium", num_envs=num_envs, seed=seeds, num_threads=args.env_threads or 0)
@@ -434,6 +455,85 @@ def env_seeds(seed: int, task_index: int, purpose: int, num_envs: int) -> list[i
     so runs with seeds 1 and 2 would share num_envs - 1 environments; we pass an explicit list instead (ppo.py's)."""
     state = np.random.SeedSequence([seed, task_index, purpose]).generate_state(num_envs)
     return [int(s % (2**31 - 1)) for s in state]
+
+
+class MinAtarVecEnv:
+    """`num_envs` MinAtar games behind the EnvPool interface this script relies on (docs/ppo.md, detail 16).
+
+    Each env is a `minatar.Environment` (its own sticky actions, seeded with `seeds[i]`). Observations are the
+    game's (10, 10, C) bool grid as (C, 10, 10) uint8, channels zero-padded to MINATAR_CHANNELS with `pad_channels`
+    (task sequences). Actions index the game's minimal action set, or all 6 actions with `full_action_space`.
+    Like EnvPool, an env auto-resets on the step *after* its episode ended: that step ignores the action and
+    returns the new episode's first observation with reward 0. `max_episode_steps` truncates an episode."""
+
+    def __init__(self, game: str, num_envs: int, seeds: list[int], sticky_action_prob: float,
+                 full_action_space: bool, pad_channels: bool, max_episode_steps: Optional[int] = None):
+        import gymnasium
+        import minatar
+
+        self.games = [minatar.Environment(game, sticky_action_prob=sticky_action_prob) for _ in range(num_envs)]
+        for env, seed in zip(self.games, seeds):
+            env.seed(seed)  # seeds the game's dynamics and its sticky-action coin (one RandomState)
+        self.action_set = list(range(6)) if full_action_space else self.games[0].minimal_action_set()
+        self.game_channels = self.games[0].n_channels
+        channels = MINATAR_CHANNELS if pad_channels else self.game_channels
+        self.observation_space = gymnasium.spaces.Box(0, 1, (channels, 10, 10), np.uint8)
+        self.action_space = gymnasium.spaces.Discrete(len(self.action_set))
+        self.max_episode_steps = max_episode_steps
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.done = np.zeros(num_envs, dtype=bool)
+
+    def observe(self) -> np.ndarray:
+        obs = np.zeros((len(self.games), *self.observation_space.shape), dtype=np.uint8)
+        obs[:, : self.game_channels] = np.stack([env.state() for env in self.games]).transpose(0, 3, 1, 2)
+        return obs
+
+    def reset(self):
+        for env in self.games:
+            env.reset()
+        self.lengths[:], self.done[:] = 0, False
+        return self.observe(), {}
+
+    def step(self, actions):
+        n = len(self.games)
+        reward = np.zeros(n, dtype=np.float32)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        for i, env in enumerate(self.games):
+            if self.done[i]:  # EnvPool-style auto-reset step: the action is ignored
+                env.reset()
+                self.lengths[i] = 0
+                continue
+            reward[i], terminated[i] = env.act(self.action_set[int(actions[i])])
+            self.lengths[i] += 1
+        if self.max_episode_steps is not None:
+            truncated = ~terminated & ~self.done & (self.lengths >= self.max_episode_steps)
+        self.done = terminated | truncated
+        return self.observe(), reward, terminated, truncated, {}
+
+    def close(self):
+        pass
+
+
+def host_step(envs):
+    """An XLA step for an env that has none (MinAtar): `(handle, action) -> (handle, (obs, reward, terminated,
+    truncated, info))` as EnvPool's, calling the host env's `step` from inside the jitted rollout through
+    `jax.experimental.io_callback` (docs/ppo_jax.md, detail 1). The handle is a dummy token; ordered=True keeps the
+    steps in program order."""
+    from jax.experimental import io_callback
+
+    n, obs_shape = len(envs.games), envs.observation_space.shape
+    shapes = (jax.ShapeDtypeStruct((n, *obs_shape), jnp.uint8), jax.ShapeDtypeStruct((n,), jnp.float32),
+              jax.ShapeDtypeStruct((n,), jnp.bool_), jax.ShapeDtypeStruct((n,), jnp.bool_))
+
+    def step(action):
+        obs, reward, terminated, truncated, _ = envs.step(np.asarray(action))
+        return obs, reward, terminated, truncated
+
+    def step_env(handle, action):
+        obs, reward, terminated, truncated = io_callback(step, shapes, action, ordered=True)
+        return handle, (obs, reward, terminated, truncated, {})
+
+    return jnp.zeros((), jnp.int32), step_env
 
 
 class EpisodeStats:
@@ -522,9 +622,10 @@ def layer_init(std=np.sqrt(2)):
 
 
 class MLP(nn.Module):
-    """ppo.py's 64-64 tanh MLP (fc1, fc2, out)."""
+    """ppo.py's 64-64 MLP (fc1, fc2, out): tanh, or ReLU on MinAtar (PureJaxRL's, docs/ppo.md detail 16)."""
     out_dim: int
     out_std: float
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x, prefix: str, hidden: Optional[list], perturb: Optional[dict]):
@@ -532,7 +633,7 @@ class MLP(nn.Module):
             z = nn.Dense(64, name=name, **layer_init())(x)
             if perturb is not None:  # zeros: their gradient is the gradient w.r.t. the pre-activation (detail 7)
                 z = z + perturb[prefix + name]
-            x = jnp.tanh(z)
+            x = nn.relu(z) if self.relu else jnp.tanh(z)
             if hidden is not None:
                 hidden.append((prefix + name, z, x))
         return nn.Dense(self.out_dim, name="out", **layer_init(self.out_std))(x)
@@ -562,7 +663,7 @@ class NatureCNN(nn.Module):
 
 class Agent(nn.Module):
     """ppo.py's actor-critic in linen. Pixels: Nature CNN trunk shared by a linear policy and a linear value head.
-    Vectors: separate 64-64 tanh MLPs. Discrete actions: categorical over logits; Box actions: diagonal Gaussian with a
+    Vectors: separate 64-64 tanh MLPs (ReLU on MinAtar's flattened grids). Discrete actions: categorical over logits; Box actions: diagonal Gaussian with a
     state-independent log-std parameter. Parameter paths mirror ppo.py's state-dict names: trunk/conv1, actor/out,
     critic/fc1, actor_logstd (docs/ppo_jax.md, detail 3).
 
@@ -571,6 +672,7 @@ class Agent(nn.Module):
     obs_shape: tuple
     action_dim: int
     continuous: bool
+    minatar: bool = False
 
     @nn.compact
     def __call__(self, x, return_hidden: bool = False, perturb: Optional[dict] = None):
@@ -581,8 +683,8 @@ class Agent(nn.Module):
             value = _Head(1, 1.0, name="critic")(z)[:, 0]
         else:
             x = x.astype(jnp.float32)
-            policy_out = MLP(self.action_dim, 0.01, name="actor")(x, "actor.", hidden, perturb)
-            value = MLP(1, 1.0, name="critic")(x, "critic.", hidden, perturb)[:, 0]
+            policy_out = MLP(self.action_dim, 0.01, self.minatar, name="actor")(x, "actor.", hidden, perturb)
+            value = MLP(1, 1.0, self.minatar, name="critic")(x, "critic.", hidden, perturb)[:, 0]
         if self.continuous:
             self.param("actor_logstd", nn.initializers.zeros, (1, self.action_dim), jnp.float32)
         return policy_out, value, hidden
@@ -1097,7 +1199,7 @@ def run(args: Args) -> dict:
         continuous = space_kind(action_space) == "Box"
         obs_shape = flat_obs_shape(obs_space)
         action_dim = int(action_space.shape[0]) if continuous else int(action_space.n)
-        agent = Agent(tuple(obs_shape), action_dim, continuous)
+        agent = Agent(tuple(obs_shape), action_dim, continuous, family == "minatar")
         pixel = len(obs_shape) == 3
         dummy = jnp.zeros((1, *obs_shape), jnp.uint8 if pixel else jnp.float32)
         params = agent.init(init_key, dummy)["params"]
@@ -1151,7 +1253,11 @@ def run(args: Args) -> dict:
 
         def start_task(envs, task_index: int, state: Optional[dict]):
             """The task's XLA step, its jitted iteration and the rollout state after reset (details 4-5)."""
-            handle, _, _, step_env = envs.xla()
+            # EnvPool's XLA step, or MinAtar's host step through a callback (docs/ppo_jax.md, detail 1)
+            if isinstance(envs, MinAtarVecEnv):
+                handle, step_env = host_step(envs)
+            else:
+                handle, _, _, step_env = envs.xla()
             iteration_fn = make_iteration(step_env, agent.apply, optimizer, cfg, obs_space, action_space)
             raw_obs, _ = envs.reset()
             raw = {k: jnp.asarray(raw_obs[k]) for k in obs_space.spaces} if space_kind(obs_space) == "Dict" \
