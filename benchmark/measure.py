@@ -161,6 +161,13 @@ ROOFLINE_CASES = {
     # (two actor and alpha updates every second step: one per step on average). The baseline SPS quoted in issue 3
     # is over 12k steps of which the first 5k are random and update nothing: `updating` is that share of steps.
     "sac-halfcheetah": dict(script="sac", obs_dim=17, action_dim=6, batch=256, updating=7000 / 12000),
+    # DQN (dqn.py's family defaults, once learning has started): one greedy forward per env step, and per update the
+    # target network's forward on the next observations plus the online network's forward and backward. Atari:
+    # Dopamine's Nature CNN, batch 32, an update every 4th step; CartPole: CleanRL's 120-84 MLP, batch 128, every
+    # 10th step; MinAtar (Breakout, all 6 actions): the MinAtar paper's network, batch 32, every step.
+    "dqn-atari": dict(script="dqn", obs_shape=(4, 84, 84), actions=4, batch=32, replay_ratio=0.25),
+    "dqn-cartpole": dict(script="dqn", obs_shape=(4,), actions=2, batch=128, replay_ratio=0.1),
+    "dqn-minatar": dict(script="dqn", obs_shape=(4, 10, 10), actions=6, batch=32, replay_ratio=1.0, minatar=True),
 }
 
 
@@ -181,6 +188,21 @@ def flops_per_env_step(case: dict) -> int:
     from utils.scripts import load_script
 
     module = load_script(case["script"])
+    if case["script"] == "dqn":
+        q_net, target = (module.QNetwork(case["obs_shape"], case["actions"], case.get("minatar", False))
+                         for _ in range(2))
+        n = case["batch"]
+
+        def greedy():
+            with torch.no_grad():
+                q_net(torch.rand(1, *case["obs_shape"])).argmax(1)
+
+        def dqn_update():
+            with torch.no_grad():
+                target(torch.rand(n, *case["obs_shape"])).max(1)
+            q_net(torch.rand(n, *case["obs_shape"])).sum().backward()
+
+        return count_flops(greedy) + round(count_flops(dqn_update) * case["replay_ratio"])
     if case["script"] == "ppo":
         agent = module.Agent(case["obs_shape"], case["actions"], continuous=False)
         batch = case["envs"] * case["steps"]

@@ -44,7 +44,7 @@ FOREIGN_TASKS = {
     "stream": [],  # stream_q.py refuses continuous actions, stream_ac.py pixels: tested in their own test files
     "cale": [("CartPole-v1", "Atari"), ("MinAtar/Breakout", "Atari"), ("HalfCheetah-v4", "Atari")],  # Atari only
     "dqn_jax": [("Pendulum-v1", "discrete")],
-    "ppo_jax": [("MinAtar/Breakout", "XLA")],  # EnvPool's XLA interface: no MinAtar (docs/ppo_jax.md)
+    "ppo_jax": [],  # as ppo.py: nothing to refuse by family
 }
 
 

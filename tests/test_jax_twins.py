@@ -23,7 +23,7 @@ ONLY_TORCH = {"torch_threads", "torch_deterministic"}
 ONLY_JAX = {"xla_threads"}
 # Tasks on which both resolve their defaults (one per family the twin supports).
 FAMILY_TASKS = {"dqn_jax.py": ["CartPole-v1", "MinAtar/Breakout", "Breakout-v5"],
-                "ppo_jax.py": ["CartPole-v1", "Pendulum-v1", "Breakout-v5"]}
+                "ppo_jax.py": ["CartPole-v1", "Pendulum-v1", "Breakout-v5", "MinAtar/Breakout"]}
 
 
 def fields(module) -> dict:

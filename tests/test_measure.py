@@ -110,6 +110,11 @@ def test_roofline_flop_counts_match_the_layer_arithmetic():
     critic = pi + 2 * q + 2 * (q + q + (q_in - 2 * 256 * 23))
     actor = pi + 2 * (q + q + q_in) + (pi + pi_in) + pi
     assert flops_per_env_step(ROOFLINE_CASES["sac-halfcheetah"]) == 256 * (critic + actor)
+    # DQN on CartPole at dqn.py's defaults: the 4-120-84-2 MLP, one greedy forward per step, and every 10th step
+    # an update of batch 128 (the target network's forward, the online network's forward and backward)
+    mlp = 2 * (4 * 120 + 120 * 84 + 84 * 2)
+    mlp_in = 2 * (120 * 84 + 84 * 2)
+    assert flops_per_env_step(ROOFLINE_CASES["dqn-cartpole"]) == mlp + round(0.1 * 128 * (mlp + 2 * mlp + mlp_in))
 
 
 def test_roofline_prints_what_a_target_asks():

@@ -23,7 +23,7 @@ GAMES = ["MinAtar/Asterix", "MinAtar/Breakout", "MinAtar/Freeway", "MinAtar/Seaq
 FAMILY = ["dqn", "dqn_jax", "dqn_redo", "dqn_hlgauss", "dqn_gap", "dqn_reset", "dqn_softmoe", "dqn_pruning", "dqn_rigl",
           "dqn_mico", "dqn_qdagger", "dqn_cchain", "ppo", "ppo_gtr", "ppo_simplicial", "stream_q", "ppo_cchain",
           "ppo_regrama", "ppo_sigreg", "ppo_decoupled", "ppo_vaco", "ppo_asyppo", "ppo_kl", "ppo_moe",
-          "ppo_stable"]
+          "ppo_stable", "ppo_jax"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """algos/ppo_jax.py, the JAX twin of algos/ppo.py: GAE, the minibatch split and the PPO loss against ppo.py's own
 functions on the same inputs (weights copied from a ppo.py Agent), the diagnostics against ppo.py's, determinism,
-diagnostics that never change a run, the checkpoint round trip and its refusals, an Atari smoke run, bad input."""
+diagnostics that never change a run, the checkpoint round trip and its refusals, an Atari smoke run, MinAtar through
+the host-step callback (the same environment trajectory as stepping ppo.py's MinAtarVecEnv by hand), bad input."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def copy_weights(pj, agent, obs_shape) -> dict:
     return params
 
 
-CASES = {"discrete": ((4,), 3, False), "continuous": ((11,), 3, True), "pixels": ((4, 84, 84), 4, False)}
+CASES = {"discrete": ((4,), 3, False), "continuous": ((11,), 3, True), "pixels": ((4, 84, 84), 4, False),
+         "minatar": ((400,), 3, False)}  # MinAtar: ReLU MLPs (docs/ppo.md, detail 16)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -115,7 +117,7 @@ def test_ppo_loss_equals_ppo_py(ppo, pj, case):
 
     obs_shape, action_dim, continuous = CASES[case]
     torch.manual_seed(0)
-    agent = ppo.Agent(obs_shape, action_dim, continuous)
+    agent = ppo.Agent(obs_shape, action_dim, continuous, minatar=case == "minatar")
     batch_size = 16 if case == "pixels" else 64
     gen = torch.Generator().manual_seed(1)
     if len(obs_shape) == 3:
@@ -131,7 +133,7 @@ def test_ppo_loss_equals_ppo_py(ppo, pj, case):
     loss, stats, _ = ppo.ppo_loss(agent, obs, actions, logprobs, advantages, returns, values, args)
 
     params = copy_weights(pj, agent, obs_shape)
-    model = pj.Agent(obs_shape, action_dim, continuous)
+    model = pj.Agent(obs_shape, action_dim, continuous, minatar=case == "minatar")
     init = model.init(jax.random.PRNGKey(0), np.zeros((1, *obs_shape), np.uint8 if len(obs_shape) == 3 else np.float32))
     assert pj.param_paths(init["params"]) == pj.param_paths(params)  # the same layers, names and shapes
     cfg = dict(continuous=continuous, norm_adv=True, clip_coef=0.2, clip_vloss=True, ent_coef=0.01, vf_coef=0.5)
@@ -303,9 +305,67 @@ def test_atari_smoke(pj, tmp_path):
     assert "plasticity/srank/critic" not in scalars  # one shared trunk
 
 
+def test_mujoco_runs_in_64_bit_mode(pj, tmp_path):
+    """EnvPool's MuJoCo step exchanges float64: the script turns on JAX's 64-bit mode (docs/ppo_jax.md, detail 2);
+    without it EnvPool writes float64 into float32 buffers. The networks stay float32, the statistics float64."""
+    import jax
+
+    run_dir = run_in_process(pj, tmp_path, "hopper", env_id="Hopper-v4", total_timesteps=128, num_envs=2,
+                             num_steps=64, num_minibatches=2, update_epochs=1, max_episode_steps=30, eval_episodes=1,
+                             metrics_every=1, metrics_batch_size=16, save_model=True)
+    try:
+        summary = read_json(os.path.join(run_dir, "summary.json"))
+        assert summary["num_updates"] == 2 and summary["num_episodes"] >= 2 and len(summary["eval_returns"]) == 1
+        assert "plasticity/srank/critic" in read_scalars(run_dir)
+        import flax.serialization
+
+        with open(os.path.join(run_dir, "model.msgpack"), "rb") as f:
+            model = flax.serialization.msgpack_restore(f.read())["model"]
+        assert model["actor"]["fc1"]["kernel"].dtype == np.float32 and model["obs_norm"]["mean"].dtype == np.float64
+        assert model["actor_logstd"].shape == (1, 3)
+    finally:
+        jax.config.update("jax_enable_x64", False)  # the other tests of this process run 32-bit tasks
+
+
+def test_minatar_host_step_and_run(pj, tmp_path):
+    """MinAtar has no XLA step: `host_step` calls MinAtarVecEnv.step from inside jit and lax.scan (an ordered
+    io_callback). The same actions give the same observations, rewards and flags as stepping a twin env by hand,
+    auto-resets included; a run learns nothing yet but is deterministic and logs full-game returns."""
+    import jax
+    import jax.numpy as jnp
+
+    args = pj.Args(env_id="MinAtar/Breakout")
+    pj.resolve_args(args)
+    envs, twin = (pj.make_env("MinAtar/Breakout", 3, [7, 8, 9], args) for _ in range(2))
+    handle, step_env = pj.host_step(envs)
+    actions = jax.random.randint(jax.random.PRNGKey(0), (60, 3), 0, envs.action_space.n)
+
+    @jax.jit
+    def rollout(handle):
+        def body(h, a):
+            h, (obs, reward, terminated, truncated, _) = step_env(h, a)
+            return h, (obs, reward, terminated, truncated)
+        return jax.lax.scan(body, handle, actions)[1]
+
+    envs.reset(), twin.reset()
+    got = jax.device_get(rollout(handle))
+    want = [twin.step(np.asarray(a))[:4] for a in actions]
+    for k in range(4):
+        assert np.array_equal(got[k], np.stack([w[k] for w in want])), k
+    assert got[2].any()  # an episode ended (and auto-reset) within the 60 random steps
+    del jnp
+    dirs = [run_in_process(pj, tmp_path, name, env_id="MinAtar/Breakout", total_timesteps=512, num_envs=4,
+                           num_steps=128, eval_episodes=1) for name in "ab"]
+    a, b = (episodes(d) for d in dirs)
+    assert a == b and a.count(b"\n") > 5  # the same seed, the same games (the envs' seeds are ppo.py's)
+    summary, config = read_json(os.path.join(dirs[0], "summary.json")), read_json(os.path.join(dirs[0], "config.json"))
+    assert config["family"] == "minatar" and config["args"]["num_minibatches"] == 8 and summary["num_updates"] == 4 * 8
+
+
 def test_bad_input(pj, tmp_path, capsys):
     cases = [
-        (["--env-id", "MinAtar/Breakout"], ("MinAtar/Breakout", "ppo.py")),
+        (["--env-id", "MinAtar/Breakou"], ("unknown env id", "MinAtar games: MinAtar/Asterix")),
+        (["--env-ids", "CartPole-v1", "MinAtar/Breakout", "--steps-per-task", "512"], ("cannot mix MinAtar",)),
         (["--env-id", "CartPol-v1"], ("CartPol-v1", "did you mean")),
         (["--num-envs", "-1"], ("--num-envs",)),
         (["--total-timesteps", "10"], ("--total-timesteps",)),
