@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.runs import read_csv, read_json  # noqa: E402,F401  (re-exported for the tests)
 from utils.runs import read_scalars as read_scalar_events  # noqa: E402
@@ -173,3 +175,27 @@ def call_main(module, argv: list[str], capsys) -> tuple[int, list[str]]:
     finally:
         sys.argv = saved
     return code, stderr_lines(capsys.readouterr().err)
+
+
+def synthetic_rollout(seed: int, num_steps: int = 40, num_envs: int = 4):
+    """A synthetic PPO rollout (test_ppo_units.py, test_ppo_jax.py) with EnvPool's next-step auto-reset: after every
+    done step comes an invalid step with reward 0. Env 0 starts with an auto-reset step (the previous rollout ended
+    with a done). Returns (rewards, values, next_value, terminated, done, valid)."""
+    rng = np.random.default_rng(seed)
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
+    terminated = np.zeros((num_steps, num_envs), dtype=np.float32)
+    done = np.zeros((num_steps, num_envs), dtype=np.float32)
+    valid = np.zeros((num_steps, num_envs), dtype=bool)
+    for e in range(num_envs):
+        prev_done = e == 0
+        for t in range(num_steps):
+            valid[t, e] = not prev_done
+            if valid[t, e]:
+                rewards[t, e] = rng.normal()
+                done[t, e] = rng.random() < 0.2
+                terminated[t, e] = done[t, e] and rng.random() < 0.5
+            prev_done = bool(done[t, e])
+    values = rng.normal(size=(num_steps, num_envs)).astype(np.float32)
+    next_value = rng.normal(size=num_envs).astype(np.float32)
+    assert done.sum() > 5 and (done - terminated).sum() > 2 and terminated.sum() > 2  # all cases present
+    return rewards, values, next_value, terminated, done, valid

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import call_main, load_script, read_json, read_scalars
+from helpers import call_main, load_script, read_json, read_scalars, synthetic_rollout
 
 
 @pytest.fixture(scope="module")
@@ -24,28 +24,6 @@ def ppo():
 @pytest.fixture(scope="module")
 def pj():
     return load_script("ppo_jax")
-
-
-def synthetic_rollout(seed: int, num_steps: int = 40, num_envs: int = 4):
-    """EnvPool's next-step auto-reset: after every done step an invalid step with reward 0 (as test_ppo_units)."""
-    rng = np.random.default_rng(seed)
-    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
-    terminated = np.zeros((num_steps, num_envs), dtype=np.float32)
-    done = np.zeros((num_steps, num_envs), dtype=np.float32)
-    valid = np.zeros((num_steps, num_envs), dtype=bool)
-    for e in range(num_envs):
-        prev_done = e == 0
-        for t in range(num_steps):
-            valid[t, e] = not prev_done
-            if valid[t, e]:
-                rewards[t, e] = rng.normal()
-                done[t, e] = rng.random() < 0.2
-                terminated[t, e] = done[t, e] and rng.random() < 0.5
-            prev_done = bool(done[t, e])
-    values = rng.normal(size=(num_steps, num_envs)).astype(np.float32)
-    next_value = rng.normal(size=num_envs).astype(np.float32)
-    assert done.sum() > 5 and (done - terminated).sum() > 2 and terminated.sum() > 2  # truncations and terminations
-    return rewards, values, next_value, terminated, done, valid
 
 
 @pytest.mark.parametrize("seed,gamma,lam", [(0, 0.99, 0.95), (1, 0.9, 0.0), (2, 0.97, 1.0)])

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (
-    assert_one_line_error, assert_seed_determinism, describe, load_script, read_csv, read_json, read_scalars,
-    run_script, script_path,
+    assert_one_line_error, assert_same_run, assert_seed_determinism, describe, load_script, read_csv, read_json,
+    read_scalars, run_script, script_path,
 )
 
 SEM_SCRIPT, PPO_SCRIPT = script_path("ppo_simplicial"), script_path("ppo")
@@ -205,11 +205,10 @@ def test_sem_off_run_is_a_ppo_py_run(tmp_path):
             "on": run_sem(tmp_path, "on", *flags)}
     for proc in runs.values():
         assert proc.returncode == 0, describe(proc)
-    episodes = {k: open(os.path.join(str(tmp_path), k, "episodes.csv")).read() for k in runs}
-    assert episodes["ppo"].count("\n") > 10
-    assert episodes["off"] == episodes["ppo"]
-    assert episodes["on"] != episodes["ppo"]
-    scalars = {k: read_scalars(os.path.join(str(tmp_path), k)) for k in runs}
+    dirs = {k: os.path.join(str(tmp_path), k) for k in runs}
+    assert_same_run(dirs["ppo"], dirs["off"], "ppo_simplicial.py --sem-placement none", min_lines=10)
+    assert read_csv(os.path.join(dirs["on"], "episodes.csv")) != read_csv(os.path.join(dirs["ppo"], "episodes.csv"))
+    scalars = {k: read_scalars(dirs[k]) for k in runs}
     for key in ("losses/policy_loss", "losses/value_loss", "plasticity/srank"):
         assert scalars["off"][key] == scalars["ppo"][key], key
     assert scalars["on"]["losses/value_loss"] != scalars["ppo"]["losses/value_loss"]

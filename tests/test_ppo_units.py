@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_script
+from helpers import load_script, synthetic_rollout
 
 
 @pytest.fixture(scope="module")
@@ -21,29 +21,6 @@ def ppo():
 # ---------------------------------------------------------------------------------------------------------------
 # GAE
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def synthetic_rollout(seed: int, num_steps: int = 40, num_envs: int = 4):
-    """A rollout with EnvPool's next-step auto-reset: after every done step comes an invalid step with reward 0.
-    Env 0 starts with an auto-reset step (the previous rollout ended with a done)."""
-    rng = np.random.default_rng(seed)
-    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
-    terminated = np.zeros((num_steps, num_envs), dtype=np.float32)
-    done = np.zeros((num_steps, num_envs), dtype=np.float32)
-    valid = np.zeros((num_steps, num_envs), dtype=bool)
-    for e in range(num_envs):
-        prev_done = e == 0
-        for t in range(num_steps):
-            valid[t, e] = not prev_done
-            if valid[t, e]:
-                rewards[t, e] = rng.normal()
-                done[t, e] = rng.random() < 0.2
-                terminated[t, e] = done[t, e] and rng.random() < 0.5
-            prev_done = bool(done[t, e])
-    values = rng.normal(size=(num_steps, num_envs)).astype(np.float32)
-    next_value = rng.normal(size=num_envs).astype(np.float32)
-    assert done.sum() > 5 and (done - terminated).sum() > 2 and terminated.sum() > 2  # all cases present
-    return rewards, values, next_value, terminated, done, valid
 
 
 def brute_force_gae(rewards, values, next_value, terminated, done, valid, gamma, lam):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (
-    assert_one_line_error, assert_seed_determinism, describe, load_script, read_csv, read_json, read_scalars,
-    run_script, script_path,
+    assert_one_line_error, assert_same_run, assert_seed_determinism, describe, load_script, read_csv, read_json,
+    read_scalars, run_script, script_path,
 )
 
 SEM_SCRIPT, SAC_SCRIPT = script_path("sac_simplicial"), script_path("sac")
@@ -222,11 +222,10 @@ def test_sem_off_run_is_a_sac_py_run(tmp_path):
             "on": run_sem(tmp_path, "on", *flags)}
     for proc in runs.values():
         assert proc.returncode == 0, describe(proc)
-    episodes = {k: open(os.path.join(str(tmp_path), k, "episodes.csv")).read() for k in runs}
-    assert episodes["sac"].count("\n") > 5
-    assert episodes["off"] == episodes["sac"]
-    assert episodes["on"] != episodes["sac"]
-    losses = {k: read_scalars(os.path.join(str(tmp_path), k)) for k in runs}
+    dirs = {k: os.path.join(str(tmp_path), k) for k in runs}
+    assert_same_run(dirs["sac"], dirs["off"], "sac_simplicial.py --sem-placement none", min_lines=5)
+    assert read_csv(os.path.join(dirs["on"], "episodes.csv")) != read_csv(os.path.join(dirs["sac"], "episodes.csv"))
+    losses = {k: read_scalars(dirs[k]) for k in runs}
     for key in ("losses/qf_loss", "losses/actor_loss", "plasticity/actor/srank"):
         assert losses["off"][key] == losses["sac"][key], key
     assert losses["on"]["losses/qf_loss"] != losses["sac"]["losses/qf_loss"]
