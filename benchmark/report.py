@@ -142,18 +142,24 @@ def published_matrices(agents: list[str], tasks: list[str], used: dict) -> tuple
 
 
 def curve_matrices(used: dict, tasks: list[str], normalise: bool, points: int):
-    curves, steps = {}, None
+    """({arm: (runs, tasks, points) training curves}, {arm: the steps of its points}): each run's episodes.csv binned
+    into `points` windows of its own budget (episode_curve). An arm's steps are those of the largest budget of its
+    runs, so arms of different budgets in one group (e.g. 150k-step DQN and 5M-step PPO) are each drawn over their
+    own budget."""
+    curves, steps = {}, {}
     for arm, rows in used.items():
         n = len(rows) // len(tasks)
         x = np.zeros((n, len(tasks), points))
+        totals = []
         for j, t in enumerate(tasks):
             for i, r in enumerate(rows[j * n:(j + 1) * n]):
                 total = read_json(os.path.join(r["dir"], "summary.json"))["total_timesteps"]
-                steps = np.linspace(total / points, total, points)
+                totals.append(total)
                 c = np.array(episode_curve(r["dir"], total, points) or [np.nan] * points)
                 x[i, j] = scores.normalize(t, c) if normalise else c
         if np.isfinite(x).all():
             curves[arm] = x
+            steps[arm] = np.linspace(max(totals) / points, max(totals), points)
     return curves, steps
 
 
@@ -382,8 +388,8 @@ def pooled_figures(plt, out, matrices, agg, curves, steps, label, prefix, metric
         curve_est = aggregate.iqm_curve(curves, reps=500)
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, (iqm, low, high) in curve_est.items():
-            ax.plot(steps, iqm, label=arm)
-            ax.fill_between(steps, low, high, alpha=0.2)
+            ax.plot(steps[arm], iqm, label=arm)
+            ax.fill_between(steps[arm], low, high, alpha=0.2)
         ax.set_xlabel("environment steps")
         ax.set_ylabel(f"IQM {label} (training episodes)")
         ax.legend()

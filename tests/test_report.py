@@ -409,6 +409,24 @@ def test_auc_of_a_run_by_hand(tmp_path, task):
     np.testing.assert_allclose(curves["arm"].mean(axis=2)[:, 0], by_hand)
 
 
+def test_arms_of_different_budgets_keep_their_own_steps(tmp_path):
+    """An arm's curve is drawn over its own budget: in one group a 1,000-step arm's 5 points sit at 200..1,000 and
+    a 5,000-step arm's at 1,000..5,000 (not both on the budget of whichever run came last)."""
+    runs = tmp_path / "mixed" / "runs"
+    for seed in (1, 2):
+        write_run(str(runs), "short", "MinAtar-Breakout", seed, 8.0, total=1000)
+        write_run(str(runs), "long", "MinAtar-Breakout", seed, 25.0, total=5000)
+    rows = sorted(collect(str(runs)), key=lambda r: (r["arm"], r["seed"]))
+    used = {arm: [r for r in rows if r["arm"] == arm] for arm in ("short", "long")}
+    curves, steps = report.curve_matrices(used, ["MinAtar-Breakout"], False, 5)
+    np.testing.assert_allclose(steps["short"], [200, 400, 600, 800, 1000])
+    np.testing.assert_allclose(steps["long"], [1000, 2000, 3000, 4000, 5000])
+    assert curves["short"].shape == curves["long"].shape == (2, 1, 5)
+    # write_run's returns rise linearly to the final score: each arm's curve rises over its own windows
+    assert (np.diff(curves["short"][0, 0]) > 0).all() and (np.diff(curves["long"][0, 0]) > 0).all()
+    assert 7 < curves["short"][0, 0, -1] <= 8 and 22 < curves["long"][0, 0, -1] <= 25
+
+
 def early_late_suite(tmp_path, tasks):
     """Arms `early` and `late` with equal final scores on every run (seed s: F = 100 + 10 s, from a start of 0, or
     -500 + ... on Acrobot-v1): `early` reaches F by step 300 of 1000, `late` ramps linearly to it at step 1000."""
